@@ -1,0 +1,249 @@
+"""Command line: ``python -m cnnreg <command> ...`` (also installed as ``cnnreg``).
+
+Commands: ``register`` (two images -> warped image, displacement field, Jacobian, summary,
+QC picture) and ``apply`` (warp any image with an exported field); further commands
+(``evaluate``, ``atlas``, ``train``) are added by their modules when present.
+
+Progress (``register``): one JSON object per line on standard output (``--progress jsonl``,
+the default), events ``start``, ``progress`` (stage, iteration, iterations, fraction 0..1,
+loss, similarity_loss, regularization), ``done`` (with the summary) or ``error`` (message);
+plus a progress bar on standard error when it is a terminal.
+
+Exit codes: 0 success, 2 bad input, 3 device problem, 4 numerical failure, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+
+from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
+from .errors import CancelledError, CnnregError, DeviceError, InputError
+
+EXIT_INPUT, EXIT_DEVICE, EXIT_NUMERIC, EXIT_CANCELLED = 2, 3, 4, 130
+
+#: further commands: name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+PLUGIN_COMMANDS = {
+    "evaluate": "cnnreg.evaluate_cli",
+    "atlas": "cnnreg.atlas",
+    "train": "cnnreg.train",
+}
+
+
+class ProgressReporter:
+    """Writes progress events as JSON lines (stdout) and a bar (stderr, terminals only)."""
+
+    def __init__(self, style: str = "auto", stream=None, bar_stream=None):
+        self.stream = stream or sys.stdout
+        self.bar_stream = bar_stream or sys.stderr
+        self.jsonl = style in ("auto", "jsonl")
+        self.bar = style == "bar" or (style == "auto" and self.bar_stream.isatty())
+        self.started = time.perf_counter()
+
+    def __call__(self, event: dict) -> None:
+        if self.jsonl:
+            self.stream.write(json.dumps(event, default=float) + "\n")
+            self.stream.flush()
+        if self.bar and event.get("event") == "progress":
+            fraction = float(event.get("fraction", 0.0))
+            filled = int(30 * fraction)
+            self.bar_stream.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% "
+                f"{event.get('stage', '')} it {event.get('iteration')}/{event.get('iterations')} "
+                f"loss {event.get('loss', float('nan')):.5f} {time.perf_counter() - self.started:6.1f}s"
+            )
+            self.bar_stream.flush()
+        if self.bar and event.get("event") in ("done", "error"):
+            self.bar_stream.write("\n")
+
+
+def _iterations(text: str) -> list[int] | int:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"iterations must be an integer or a comma list like 150,100,50, got {text!r}") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"iterations must be >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fixed", required=True, help="fixed (target) image, any SimpleITK format")
+    parser.add_argument("--moving", required=True, help="moving (source) image")
+    parser.add_argument("--moving-labels", help="label map on the moving grid, warped with nearest neighbour")
+    parser.add_argument("--fixed-mask", help="mask on the fixed grid restricting the similarity")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs in an existing non-empty folder")
+    parser.add_argument("--mode", default=Mode.PHANTOM.value, choices=choices(Mode))
+    parser.add_argument("--similarity", default=Similarity.LNCC.value, choices=choices(Similarity))
+    parser.add_argument("--regularizer", default=Regularizer.DIFFUSION.value, choices=choices(Regularizer))
+    parser.add_argument("--weight", type=float, default=1.0, help="regularizer weight (default 1.0)")
+    parser.add_argument("--jacobian-weight", type=float, default=0.0, help="extra negative-Jacobian penalty weight")
+    parser.add_argument("--window", type=int, default=9, help="LNCC window, voxels (odd)")
+    parser.add_argument("--levels", type=int, default=3, help="pyramid levels")
+    parser.add_argument("--iterations", type=_iterations, default=None, help="per level, coarse to fine: N or N1,N2,N3")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--field-smoothing", type=float, default=1.0, help="Gaussian sigma of field updates, voxels")
+    parser.add_argument("--features", type=int, default=24, help="phantom-mode U-Net width")
+    parser.add_argument("--max-cnn-voxels", type=int, default=2**21, help="phantom-mode working-grid size limit")
+    parser.add_argument("--model", help="learned modes: weights file (default: shipped weights)")
+    parser.add_argument("--refine-iterations", type=int, default=50, help="learned-refine iterations")
+    parser.add_argument("--affine", action="store_true", help="affine pre-alignment with SimpleITK first")
+    parser.add_argument("--normalization", default=Normalization.MAX.value, choices=choices(Normalization))
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+
+
+def _default_iterations(mode: str) -> list[int]:
+    return [200, 100, 50] if mode == Mode.PHANTOM.value else [150, 100, 50]
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from . import image as im
+    from .optimize import OptimizationSettings
+    from .registration import RegistrationSettings, check_output_folder, register, write_result
+
+    report = ProgressReporter(args.progress)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out_dir = check_output_folder(
+        args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
+    )
+    fixed = im.read_image(args.fixed, "fixed image")
+    moving = im.read_image(args.moving, "moving image")
+    labels = im.read_image(args.moving_labels, "moving labels") if args.moving_labels else None
+    mask = None
+    if args.fixed_mask:
+        mask = im.read_image(args.fixed_mask, "fixed mask")
+    settings = RegistrationSettings(
+        mode=args.mode,
+        optimization=OptimizationSettings(
+            similarity=args.similarity,
+            regularizer=args.regularizer,
+            weight=args.weight,
+            jacobian_weight=args.jacobian_weight,
+            window=args.window,
+            levels=args.levels,
+            iterations=args.iterations if args.iterations is not None else _default_iterations(args.mode),
+            learning_rate=args.learning_rate,
+            field_smoothing=args.field_smoothing,
+            features=args.features,
+            max_cnn_voxels=args.max_cnn_voxels,
+        ),
+        device=args.device,
+        seed=args.seed,
+        normalization=args.normalization,
+        affine=args.affine,
+        model=args.model,
+        refine_iterations=args.refine_iterations,
+    )
+    report({"event": "start", "fixed": args.fixed, "moving": args.moving, "mode": args.mode, "out": out_dir})
+    result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
+    paths = write_result(result, out_dir, qc=not args.no_qc)
+    report({"event": "done", "summary": result.summary, "files": paths})
+    if not report.jsonl and args.progress != "none":
+        s = result.summary
+        print(
+            f"registered in {s['seconds']:.1f} s on {s['device']}: {s['similarity']} "
+            f"{s['similarity_before']:.4f} -> {s['similarity_after']:.4f}, folding {s['folding_percent']:.4f} %, "
+            f"min det J {s['min_jacobian']:.3f}; results in {out_dir}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--displacement", required=True, help="ITK displacement field (e.g. displacement.nii.gz)")
+    parser.add_argument("--image", required=True, help="image to warp (intensity image or label map)")
+    parser.add_argument("--reference", help="output grid (default: the displacement field's grid)")
+    parser.add_argument("--interpolation", default=Interpolation.LINEAR.value, choices=choices(Interpolation))
+    parser.add_argument("--out", required=True, help="output image file")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    from . import image as im
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise InputError(f"output file {out} already exists; pass --overwrite to replace it")
+    if out in {os.path.abspath(p) for p in (args.displacement, args.image, args.reference) if p}:
+        raise InputError(f"output {out} is one of the inputs; choose another output file")
+    field = im.read_displacement(args.displacement)
+    image = im.read_image(args.image, "image")
+    reference = im.read_image(args.reference, "reference image") if args.reference else None
+    if Interpolation(args.interpolation) is Interpolation.NEAREST:
+        im.check_image(image, "image", allow_constant=True)
+    warped = im.apply_displacement(image, field, reference, args.interpolation)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    im.write_image(warped, out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="cnnreg", description="Deformable image registration with CNNs (CPU/GPU, 2D/3D).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    runners = {}
+    register_parser = commands.add_parser("register", help="register a moving image to a fixed image")
+    _add_register_arguments(register_parser)
+    runners["register"] = _run_register
+    apply_parser = commands.add_parser("apply", help="warp an image with an exported displacement field")
+    _add_apply_arguments(apply_parser)
+    runners["apply"] = _run_apply
+    for name, module_name in PLUGIN_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(sub)
+        runners[name] = module.run
+    return parser, runners
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    progress_jsonl = getattr(args, "progress", "none") in ("auto", "jsonl")
+
+    def fail(code: int, message: str) -> int:
+        if progress_jsonl:
+            print(json.dumps({"event": "error", "message": message, "exit_code": code}), flush=True)
+        print(f"cnnreg {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        return runners[args.command](args)
+    except InputError as error:
+        return fail(EXIT_INPUT, str(error))
+    except DeviceError as error:
+        return fail(EXIT_DEVICE, str(error))
+    except FloatingPointError as error:
+        return fail(EXIT_NUMERIC, f"{error}; try a smaller learning rate or a larger regularizer weight")
+    except (KeyboardInterrupt, CancelledError):
+        return fail(EXIT_CANCELLED, "cancelled; no output was written")
+    except CnnregError as error:
+        return fail(EXIT_INPUT, str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

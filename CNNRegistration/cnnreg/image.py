@@ -1,0 +1,322 @@
+"""Image I/O, geometry checks, resampling and displacement-field files (SimpleITK).
+
+Every reader/checker raises :class:`cnnreg.errors.InputError` with a message that names
+the file (or role) and the problem.  Arrays follow :mod:`cnnreg.conventions`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .conventions import Interpolation, Normalization
+from .errors import InputError
+from .spatial import lps_to_voxel, voxel_to_lps
+
+GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
+
+
+def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
+    """Read a scalar 2D/3D image with any format SimpleITK knows; check it is usable.
+
+    Raises InputError for: missing/unreadable file, vector or 4D image, NaN/Inf values,
+    an empty image, or a constant image.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{role} file not found: {path}")
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
+    check_image(image, f"{role} {path}")
+    return image
+
+
+def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> None:
+    """Raise InputError unless ``image`` is a finite, non-empty, non-constant scalar 2D/3D image."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name} is a vector image with {image.GetNumberOfComponentsPerPixel()} components; "
+            "a scalar (grey-level) image is needed"
+        )
+    if image.GetDimension() not in (2, 3):
+        raise InputError(f"{name} is {image.GetDimension()}D with size {image.GetSize()}; only 2D and 3D images are supported")
+    if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
+        raise InputError(f"{name} is empty (size {image.GetSize()})")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(f"{name} contains {count} NaN or infinite voxels")
+    if not allow_constant and float(array.max()) == float(array.min()):
+        raise InputError(f"{name} is constant (every voxel is {float(array.min())}); nothing to register")
+
+
+def working_axes(image: sitk.Image) -> tuple[int, ...]:
+    """Array axes ``(k, j, i)`` used for computation: all of them, except that a 3D image with
+    exactly one singleton axis (a single slice) is handled as 2D."""
+    shape = sitk.GetArrayViewFromImage(image).shape
+    if len(shape) == 3:
+        kept = tuple(axis for axis, n in enumerate(shape) if n > 1)
+        if len(kept) == 2:
+            return kept
+    return tuple(range(len(shape)))
+
+
+def to_array(image: sitk.Image) -> np.ndarray:
+    """Image -> float32 array on its working axes (``(D, H, W)`` or ``(H, W)``)."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    axes = working_axes(image)
+    return array.reshape([array.shape[a] for a in axes])
+
+
+def normalize(array: np.ndarray, method: Normalization | str = Normalization.MAX) -> np.ndarray:
+    """Intensity normalisation: ``max`` divides by the maximum absolute value (the reference
+    methods); ``percentile`` clips to [p0.5, p99.5] and rescales to [0, 1]; ``none`` keeps values."""
+    method = Normalization(method)
+    array = np.asarray(array, dtype=np.float32)
+    if method is Normalization.MAX:
+        peak = float(np.abs(array).max())
+        return array / peak if peak > 0 else array
+    if method is Normalization.PERCENTILE:
+        low, high = np.percentile(array, [0.5, 99.5])
+        if high <= low:
+            low, high = float(array.min()), float(array.max())
+        return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
+    return array
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    """True when ``a`` and ``b`` share size, origin, spacing and direction (within tolerance)."""
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    scale = max(max(a.GetSpacing()), 1.0)
+    return (
+        np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance, atol=0)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tolerance * scale * 10)
+        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance)
+    )
+
+
+def check_pair(fixed: sitk.Image, moving: sitk.Image) -> None:
+    """Raise InputError when fixed and moving cannot be registered together."""
+    fixed_dims = len(working_axes(fixed))
+    moving_dims = len(working_axes(moving))
+    if fixed_dims != moving_dims:
+        raise InputError(
+            f"fixed image is {fixed_dims}D (size {fixed.GetSize()}) but moving image is "
+            f"{moving_dims}D (size {moving.GetSize()}); both must be 2D or both 3D"
+        )
+    if fixed.GetDimension() != moving.GetDimension():
+        raise InputError(
+            f"fixed image is stored as {fixed.GetDimension()}D and moving as {moving.GetDimension()}D; "
+            "store both single slices the same way"
+        )
+
+
+def check_labels(labels: sitk.Image, moving: sitk.Image, name: str = "moving labels") -> None:
+    """Raise InputError unless ``labels`` is an integer-valued label map on the moving grid."""
+    if labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} must be a scalar label map, got {labels.GetNumberOfComponentsPerPixel()} components")
+    if not same_grid(labels, moving):
+        raise InputError(
+            f"{name} are not on the moving image grid: labels size {labels.GetSize()}, spacing "
+            f"{labels.GetSpacing()}, origin {labels.GetOrigin()} vs moving size {moving.GetSize()}, "
+            f"spacing {moving.GetSpacing()}, origin {moving.GetOrigin()}"
+        )
+    array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(f"{name} contain non-integer values; a label map holds integer labels")
+
+
+_SITK_INTERPOLATORS = {
+    Interpolation.LINEAR: sitk.sitkLinear,
+    Interpolation.NEAREST: sitk.sitkNearestNeighbor,
+}
+
+
+def resample(
+    image: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform | None = None,
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid through ``transform`` (reference physical
+    point -> image physical point; identity when None).  Output keeps ``image``'s pixel type."""
+    interpolator = _SITK_INTERPOLATORS[Interpolation(interpolation)]
+    transform = transform if transform is not None else sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
+    return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
+
+
+def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 200) -> sitk.AffineTransform:
+    """Affine pre-alignment (moments initialisation, Mattes MI, 3-level pyramid).
+
+    Returns the transform from fixed physical space to moving physical space.
+    """
+    dim = fixed.GetDimension()
+    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+    initial = sitk.CenteredTransformInitializer(
+        fixed_f, moving_f, sitk.AffineTransform(dim), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed=1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetInitialTransform(initial, inPlace=False)
+    result = method.Execute(fixed_f, moving_f)
+    if isinstance(result, sitk.CompositeTransform):
+        result = result.GetBackTransform() if result.GetNumberOfTransforms() == 1 else result.GetNthTransform(0)
+    return sitk.AffineTransform(result)
+
+
+def _affine_matrix(transform: sitk.Transform | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, b)`` with ``T(p) = A p + b`` for a matrix-offset transform (identity when None)."""
+    if transform is None:
+        return np.eye(dim), np.zeros(dim)
+    affine = sitk.AffineTransform(transform)
+    matrix = np.asarray(affine.GetMatrix(), dtype=np.float64).reshape(dim, dim)
+    center = np.asarray(affine.GetCenter(), dtype=np.float64)
+    translation = np.asarray(affine.GetTranslation(), dtype=np.float64)
+    return matrix, center + translation - matrix @ center
+
+
+def physical_points(image: sitk.Image) -> np.ndarray:
+    """World (LPS) coordinates of every voxel: ``(*array_shape, dim)``, components ``(x, y, z)``."""
+    shape = sitk.GetArrayViewFromImage(image).shape
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)[..., ::-1]
+    matrix = np.asarray(image.GetDirection(), dtype=np.float64).reshape(image.GetDimension(), -1) @ np.diag(
+        image.GetSpacing()
+    )
+    return index @ matrix.T + np.asarray(image.GetOrigin())
+
+
+def embed_field(u: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Working-axes voxel field ``(n_work, *S_work)`` -> full field ``(dim, *array_shape)`` with
+    zero displacement along a collapsed single-slice axis."""
+    shape = sitk.GetArrayViewFromImage(image).shape
+    axes = working_axes(image)
+    full = np.zeros((len(shape), *shape), dtype=np.float64)
+    for channel, axis in enumerate(axes):
+        full[axis] = np.asarray(u[channel], dtype=np.float64).reshape(shape)
+    return full
+
+
+def displacement_image(u: np.ndarray, fixed: sitk.Image, pre_transform: sitk.Transform | None = None) -> sitk.Image:
+    """Voxel displacement on the fixed grid -> ITK displacement field (LPS mm, vector float64).
+
+    Args:
+        u: ``(n_work, *S_work)`` voxels of the fixed grid, channels in working-axis order.
+        fixed: the fixed image (defines the grid).
+        pre_transform: optional affine pre-alignment (fixed -> moving physical); the field
+            returned then represents the whole mapping ``x -> A(x + d(x))``.
+
+    Returns:
+        A ``sitkVectorFloat64`` image on the fixed grid whose vector at ``x`` is the LPS
+        displacement in mm, directly usable by ``sitk.DisplacementFieldTransform``.
+    """
+    dim = fixed.GetDimension()
+    d = voxel_to_lps(embed_field(u, fixed), fixed.GetSpacing(), fixed.GetDirection())
+    if pre_transform is not None:
+        matrix, offset = _affine_matrix(pre_transform, dim)
+        points = physical_points(fixed)
+        d = (points + d) @ matrix.T + offset - points
+    field = sitk.GetImageFromArray(d.astype(np.float64), isVector=True)
+    field.CopyInformation(fixed)
+    return field
+
+
+def field_to_voxels(field: sitk.Image) -> np.ndarray:
+    """ITK displacement field (LPS mm) -> voxel displacement ``(dim, *array_shape)`` on its own grid."""
+    d = sitk.GetArrayFromImage(field).astype(np.float64)
+    return lps_to_voxel(d, field.GetSpacing(), field.GetDirection())
+
+
+def read_displacement(path: str | os.PathLike) -> sitk.Image:
+    """Read an ITK displacement field file (vector image, components = dimension)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"displacement file not found: {path}")
+    try:
+        field = sitk.ReadImage(path)
+    except RuntimeError:
+        raise InputError(f"cannot read displacement file {path}: not an image SimpleITK can read") from None
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise InputError(
+            f"{path} is not a displacement field: {field.GetNumberOfComponentsPerPixel()} components per "
+            f"voxel in a {field.GetDimension()}D image (a field has one component per dimension)"
+        )
+    array = sitk.GetArrayViewFromImage(field)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"displacement file {path} contains NaN or infinite vectors")
+    return sitk.Cast(field, sitk.sitkVectorFloat64)
+
+
+def apply_displacement(
+    image: sitk.Image,
+    field: sitk.Image,
+    reference: sitk.Image | None = None,
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """Warp ``image`` with an ITK displacement field onto ``reference`` (default: the field's grid).
+
+    The field maps reference physical points to ``image`` physical points (pull); outside the
+    field's own grid the displacement is zero.
+    """
+    if image.GetDimension() != field.GetDimension():
+        raise InputError(
+            f"image is {image.GetDimension()}D but the displacement field is {field.GetDimension()}D"
+        )
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return resample(image, reference if reference is not None else field, transform, interpolation, default_value)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write ``image`` (format from the extension); InputError naming the path if it fails."""
+    path = os.fspath(path)
+    try:
+        sitk.WriteImage(image, path, useCompression=compress)
+    except RuntimeError as error:
+        raise InputError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
+
+
+def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Working-axes array ``(D, H, W)``/``(H, W)`` -> image on ``reference``'s grid."""
+    shape = sitk.GetArrayViewFromImage(reference).shape
+    image = sitk.GetImageFromArray(np.asarray(array).reshape(shape))
+    image.CopyInformation(reference)
+    return image
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Grid of an image in SimpleITK terms (spacing/origin in mm, direction row-major)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def working_spacing(self, axes: Sequence[int]) -> tuple[float, ...]:
+        """Spacing in array-axis order ``(k, j, i)`` restricted to the working axes."""
+        spacing_kji = self.spacing[::-1]
+        return tuple(spacing_kji[a] for a in axes)

@@ -1,0 +1,292 @@
+"""Per-pair iterative registration: the phantom-mode CNN and dense-field instance optimisation.
+
+Both run the same coarse-to-fine loop (:func:`run_pyramid`) and differ only in what is
+optimised:
+
+* :class:`DenseField` -- the displacement itself (a smoothed dense field; the refinement
+  stage of the learned mode and the ``instance`` mode);
+* :class:`CNNField` -- the weights of a randomly initialised U-Net that maps the pair to a
+  displacement (Chen et al. 2020: the network reparametrises the field and acts as a prior;
+  no training data).
+
+Images are ``(1, 1, *S)`` float tensors, normalised; the result is ``u`` ``(1, ndim, *S)``
+in voxels of the fixed grid (:mod:`cnnreg.conventions`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .conventions import Regularizer, Similarity
+from .errors import CancelledError
+from .losses import similarity_loss, similarity_options
+from .networks import UNet
+from .regularizers import negative_jacobian, regularization
+from .spatial import gaussian_smooth, resize_field, resize_image, warp
+
+ProgressCallback = Callable[[dict], None]
+
+
+@dataclass
+class OptimizationSettings:
+    """Settings of the iterative modes.
+
+    Attributes:
+        similarity, regularizer, weight: loss = similarity loss + weight x regularizer.
+        jacobian_weight: extra weight of the negative-Jacobian penalty (FAIM), 0 = off.
+        window: LNCC window in voxels (odd).
+        levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
+        iterations: iterations per level, coarse to fine (one number = every level).
+        learning_rate: Adam step; None = the mode's default (0.5 voxels/step for a dense
+            field, 1e-3 for the CNN weights).
+        field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
+        patience, tolerance: stop a level when the loss has not improved by ``tolerance``
+            (relative) for ``patience`` iterations.
+        features: U-Net width of the phantom CNN.
+        max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
+            upsampled to the fixed grid (bounds memory on large images).
+    """
+
+    similarity: Similarity | str = Similarity.LNCC
+    regularizer: Regularizer | str = Regularizer.DIFFUSION
+    weight: float = 1.0
+    jacobian_weight: float = 0.0
+    window: int = 9
+    levels: int = 3
+    iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
+    learning_rate: float | None = None
+    field_smoothing: float = 1.0
+    patience: int = 20
+    tolerance: float = 1e-4
+    features: int = 24
+    max_cnn_voxels: int = 2**21
+
+    def iterations_per_level(self, levels: int) -> list[int]:
+        if isinstance(self.iterations, int):
+            return [self.iterations] * levels
+        values = list(self.iterations)
+        if len(values) < levels:  # pad at the coarse end with the first value
+            values = [values[0]] * (levels - len(values)) + values
+        return values[-levels:]
+
+
+def pyramid_shapes(shape: Sequence[int], levels: int, min_size: int = 16) -> list[tuple[int, ...]]:
+    """Grid sizes from coarse to fine, halving per level; a level is skipped when any axis
+    would fall below ``min_size`` voxels (axes already smaller are kept as they are)."""
+    shapes = [tuple(int(n) for n in shape)]
+    for _ in range(levels - 1):
+        smaller = tuple(max(1, math.ceil(n / 2)) if n >= 2 * min_size else n for n in shapes[0])
+        if smaller == shapes[0]:
+            break
+        shapes.insert(0, smaller)
+    return shapes
+
+
+def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
+    """Uniformly shrunk copy of ``shape`` with at most ``max_voxels`` voxels."""
+    voxels = math.prod(shape)
+    if voxels <= max_voxels:
+        return tuple(shape)
+    factor = (max_voxels / voxels) ** (1.0 / len(shape))
+    return tuple(max(2, int(n * factor)) for n in shape)
+
+
+class DenseField(nn.Module):
+    """``u = base + G_sigma * p`` with ``p`` optimised directly (``base`` fixed, p starts at 0)."""
+
+    default_learning_rate = 0.5
+
+    def __init__(self, base: torch.Tensor, smoothing: float):
+        super().__init__()
+        self.register_buffer("base", base.detach().clone())
+        self.update = nn.Parameter(torch.zeros_like(base))
+        self.smoothing = smoothing
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        update = gaussian_smooth(self.update, self.smoothing) if self.smoothing > 0 else self.update
+        return self.base + update
+
+
+class CNNField(nn.Module):
+    """``u = base + unet(cat(warp(moving, base), fixed))`` with the U-Net's weights optimised.
+
+    The U-Net is shared across pyramid levels (it is fully convolutional); ``base`` is the
+    previous level's field, so each level learns a residual.
+    """
+
+    default_learning_rate = 1e-3
+
+    def __init__(self, network: UNet, base: torch.Tensor):
+        super().__init__()
+        self.network = network
+        self.register_buffer("base", base.detach().clone())
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        moved = warp(moving, self.base) if self.base.abs().max() > 0 else moving
+        return self.base + self.network(torch.cat([moved, fixed], dim=1))
+
+
+def _loss_terms(
+    settings: OptimizationSettings,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    warped = warp(moving, u)
+    options = similarity_options(settings.similarity, settings.window)
+    sim = similarity_loss(settings.similarity, fixed, warped, mask, **options)
+    reg = regularization(settings.regularizer, u)
+    total = sim + settings.weight * reg
+    if settings.jacobian_weight > 0:
+        total = total + settings.jacobian_weight * negative_jacobian(u)
+    return total, sim, reg
+
+
+def run_pyramid(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    make_model: Callable[[torch.Tensor], nn.Module],
+    settings: OptimizationSettings,
+    shapes: Sequence[Sequence[int]],
+    initial: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    learning_rate: float = 1e-3,
+    stage: str = "",
+) -> torch.Tensor:
+    """Coarse-to-fine optimisation of ``make_model(base)`` over the grid ``shapes``.
+
+    Args:
+        fixed, moving: ``(1, 1, *S)`` normalised images on the same grid.
+        make_model: builds the module to optimise from the level's initial field
+            ``base`` ``(1, ndim, *S_level)``; its ``forward(fixed, moving)`` returns ``u``.
+        shapes: level grid sizes, coarse to fine.
+        initial: optional starting field ``(1, ndim, *S_any)`` in voxels of its own grid.
+        mask: optional fixed-image weights ``(1, 1, *S)``.
+        callback: receives one dict per iteration (see :func:`progress_event`); raising
+            :class:`CancelledError` (or KeyboardInterrupt) stops the run.
+
+    Returns:
+        ``u`` ``(1, ndim, *shapes[-1])`` in voxels of the finest level's grid.
+    """
+    iterations = settings.iterations_per_level(len(shapes))
+    total_iterations = sum(iterations)
+    done_iterations = 0
+    ndim = fixed.dim() - 2
+    u = initial.detach() if initial is not None else fixed.new_zeros((1, ndim, *shapes[0]))
+    for level, (shape, level_iterations) in enumerate(zip(shapes, iterations)):
+        fixed_level = resize_image(fixed, shape)
+        moving_level = resize_image(moving, shape)
+        mask_level = resize_image(mask, shape) if mask is not None else None
+        base = resize_field(u, shape)
+        model = make_model(base)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        best, since_best = math.inf, 0
+        for iteration in range(level_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            u_level = model(fixed_level, moving_level)
+            total, sim, reg = _loss_terms(settings, fixed_level, moving_level, u_level, mask_level)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"the loss became {float(total)} at level {level + 1}, iteration {iteration + 1}")
+            total.backward()
+            optimizer.step()
+            done_iterations += 1
+            value = float(total.detach())
+            if value < best - settings.tolerance * abs(best if math.isfinite(best) else value):
+                best, since_best = value, 0
+            else:
+                since_best += 1
+            if callback is not None:
+                callback(
+                    progress_event(
+                        stage=f"{stage}level {level + 1}/{len(shapes)}",
+                        iteration=iteration + 1,
+                        iterations=level_iterations,
+                        fraction=done_iterations / total_iterations,
+                        loss=value,
+                        similarity_loss=float(sim.detach()),
+                        regularization=float(reg.detach()),
+                    )
+                )
+            if since_best >= settings.patience:
+                done_iterations += level_iterations - iteration - 1
+                break
+        with torch.no_grad():  # batch norm stays in training mode: statistics of this pair
+            u = model(fixed_level, moving_level).detach()
+    return u
+
+
+def progress_event(**values) -> dict:
+    """One progress record: stage, iteration, iterations, fraction (0..1), loss terms."""
+    return {"event": "progress", **values}
+
+
+def optimize_field(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizationSettings,
+    initial: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    levels: int | None = None,
+    stage: str = "",
+) -> torch.Tensor:
+    """Dense-field instance optimisation, coarse to fine.  Returns ``u`` ``(1, ndim, *S)``, voxels.
+
+    ``levels`` overrides ``settings.levels`` (refinement after a learned prediction uses 1).
+    """
+    shapes = pyramid_shapes(fixed.shape[2:], levels or settings.levels)
+    return run_pyramid(
+        fixed,
+        moving,
+        lambda base: DenseField(base, settings.field_smoothing),
+        settings,
+        shapes,
+        initial=initial,
+        mask=mask,
+        callback=callback,
+        learning_rate=settings.learning_rate or DenseField.default_learning_rate,
+        stage=stage,
+    )
+
+
+def optimize_cnn(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    settings: OptimizationSettings,
+    mask: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Phantom mode: optimise a randomly initialised U-Net on this pair only (no training).
+
+    The network runs on the pyramid of a working grid of at most ``settings.max_cnn_voxels``
+    voxels; the resulting field is upsampled to the fixed grid.  Returns ``u`` ``(1, ndim, *S)``.
+    """
+    ndim = fixed.dim() - 2
+    working = capped_shape(fixed.shape[2:], settings.max_cnn_voxels)
+    shapes = pyramid_shapes(working, settings.levels)
+    network = UNet(ndim=ndim, features=settings.features).to(device=fixed.device, dtype=fixed.dtype)
+    u = run_pyramid(
+        fixed,
+        moving,
+        lambda base: CNNField(network, base),
+        settings,
+        shapes,
+        mask=mask,
+        callback=callback,
+        learning_rate=settings.learning_rate or CNNField.default_learning_rate,
+    )
+    return resize_field(u, fixed.shape[2:])
+
+
+def check_cancel(cancel: Callable[[], bool] | None) -> None:
+    """Raise CancelledError when ``cancel()`` says so (for callers polling a flag)."""
+    if cancel is not None and cancel():
+        raise CancelledError("registration cancelled")

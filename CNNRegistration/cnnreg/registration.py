@@ -1,0 +1,262 @@
+"""Register two SimpleITK images end to end and write the results.
+
+This is the backend's public entry point (the command line and the Slicer module both go
+through it)::
+
+    result = register(fixed, moving, RegistrationSettings(mode="phantom"), moving_labels=labels)
+    write_result(result, "results/")
+
+The moving image is resampled onto the fixed grid (through the optional affine
+pre-alignment), both are normalised, a displacement ``u`` is estimated on the fixed grid
+(voxels), and every output is produced from the exported ITK displacement field, so that
+``warped.nii.gz`` is exactly what SimpleITK (or Slicer) gives when applying
+``displacement.nii.gz`` to the original moving image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import image as im
+from .conventions import Interpolation, Mode, Normalization, choices
+from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
+from .errors import InputError
+from .jacobian import jacobian_determinant, jacobian_summary
+from .losses import similarity_options, similarity_value
+from .optimize import OptimizationSettings, ProgressCallback, optimize_cnn, optimize_field
+from .spatial import warp
+
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "summary": "summary.json",
+    "qc": "qc.png",
+}
+
+
+@dataclass
+class RegistrationSettings:
+    """Everything that defines a registration run (see :class:`OptimizationSettings` for the loss)."""
+
+    mode: Mode | str = Mode.PHANTOM
+    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
+    device: str = "auto"
+    seed: int | None = 0
+    normalization: Normalization | str = Normalization.MAX
+    affine: bool = False
+    model: str | None = None  # learned modes: weights file (None = the shipped weights)
+    refine_iterations: int = 50  # learned-refine: dense-field iterations after the prediction
+
+    def validate(self) -> None:
+        for value, enum_type, what in (
+            (self.mode, Mode, "mode"),
+            (self.normalization, Normalization, "normalization"),
+        ):
+            try:
+                enum_type(value)
+            except ValueError:
+                raise InputError(f"unknown {what} {value!r}; choose one of {choices(enum_type)}") from None
+        opt = self.optimization
+        if opt.weight < 0 or opt.jacobian_weight < 0:
+            raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
+        iterations = [opt.iterations] if isinstance(opt.iterations, int) else list(opt.iterations)
+        if not iterations or min(iterations) < 0:
+            raise InputError(f"iterations must be >= 0, got {opt.iterations}")
+        if opt.levels < 1:
+            raise InputError(f"levels must be >= 1, got {opt.levels}")
+
+
+@dataclass
+class RegistrationResult:
+    """Outputs on the fixed grid: images are SimpleITK; ``u`` is ``(1, ndim, *S)`` voxels."""
+
+    displacement: sitk.Image  # ITK displacement field, LPS mm, vector float64
+    warped: sitk.Image
+    jacobian: sitk.Image  # det J, float32
+    summary: dict
+    warped_labels: sitk.Image | None = None
+    u: torch.Tensor | None = None
+    fixed: sitk.Image | None = None
+    moving_on_fixed: sitk.Image | None = None
+
+
+def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+def _estimate_field(
+    settings: RegistrationSettings,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    mask: torch.Tensor | None,
+    callback: ProgressCallback | None,
+) -> torch.Tensor:
+    mode = Mode(settings.mode)
+    opt = settings.optimization
+    if mode is Mode.PHANTOM:
+        return optimize_cnn(fixed, moving, opt, mask=mask, callback=callback)
+    if mode is Mode.INSTANCE:
+        return optimize_field(fixed, moving, opt, mask=mask, callback=callback)
+    from .learned import predict_field  # the learned modes need shipped weights
+
+    u = predict_field(fixed, moving, settings.model)
+    if mode is Mode.LEARNED_REFINE and settings.refine_iterations > 0:
+        refine = OptimizationSettings(**{**asdict(opt), "iterations": settings.refine_iterations})
+        u = optimize_field(fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=1, stage="refine ")
+    return u
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    settings: RegistrationSettings | None = None,
+    moving_labels: sitk.Image | None = None,
+    fixed_mask: sitk.Image | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> RegistrationResult:
+    """Deformably register ``moving`` to ``fixed``.
+
+    Args:
+        fixed, moving: scalar 2D/3D images (any grids; moving is resampled onto fixed).
+        settings: mode, losses, device...; defaults to phantom mode with LNCC + diffusion.
+        moving_labels: optional label map on the moving grid, warped with nearest neighbour.
+        fixed_mask: optional mask on the fixed grid restricting the similarity.
+        callback: receives progress dicts (``{"event": "progress", "stage", "iteration",
+            "iterations", "fraction", "loss", ...}``); raising stops the run.
+
+    Raises:
+        InputError for bad images/settings, DeviceError for device problems.
+    """
+    settings = settings or RegistrationSettings()
+    settings.validate()
+    im.check_image(fixed, "fixed image")
+    im.check_image(moving, "moving image")
+    im.check_pair(fixed, moving)
+    if moving_labels is not None:
+        im.check_labels(moving_labels, moving)
+    if fixed_mask is not None:
+        if not im.same_grid(fixed_mask, fixed):
+            raise InputError(f"fixed mask is not on the fixed image grid (mask size {fixed_mask.GetSize()}, fixed {fixed.GetSize()})")
+        if not np.any(sitk.GetArrayViewFromImage(fixed_mask)):
+            raise InputError("fixed mask is empty (no voxel is inside it)")
+
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+    start = time.perf_counter()
+
+    pre_transform = im.affine_prealign(fixed, moving) if settings.affine else None
+    moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, pre_transform)
+    fixed_array = im.normalize(im.to_array(fixed), settings.normalization)
+    moving_array = im.normalize(im.to_array(moving_on_fixed), settings.normalization)
+    if float(moving_array.max()) == float(moving_array.min()):
+        raise InputError("moving image does not overlap the fixed image: it is constant once resampled onto the fixed grid")
+
+    fixed_t = _to_tensor(fixed_array, device)
+    moving_t = _to_tensor(moving_array, device)
+    mask_t = _to_tensor(im.to_array(fixed_mask) > 0, device) if fixed_mask is not None else None
+    opt = settings.optimization
+    options = similarity_options(opt.similarity, opt.window)
+
+    def measure(warped_t: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(similarity_value(opt.similarity, fixed_t, warped_t, mask_t, **options))
+
+    before = measure(moving_t)
+    with out_of_memory_as_device_error(device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"):
+        u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
+        after = measure(warp(moving_t, u))
+    elapsed = time.perf_counter() - start
+
+    u_cpu = u.detach().to("cpu", torch.float64)
+    field_image = im.displacement_image(u_cpu[0].numpy(), fixed, pre_transform)
+    warped = im.apply_displacement(moving, field_image, reference=fixed)
+    warped_labels = None
+    if moving_labels is not None:
+        warped_labels = im.apply_displacement(moving_labels, field_image, reference=fixed, interpolation=Interpolation.NEAREST)
+    determinant = jacobian_determinant(u_cpu)[0].numpy().astype(np.float32)
+    jacobian_image = im.array_to_image(determinant, fixed)
+
+    summary = {
+        "mode": Mode(settings.mode).value,
+        "similarity": str(getattr(opt.similarity, "value", opt.similarity)),
+        "regularizer": str(getattr(opt.regularizer, "value", opt.regularizer)),
+        "weight": opt.weight,
+        "jacobian_weight": opt.jacobian_weight,
+        "levels": opt.levels,
+        "iterations": opt.iterations if isinstance(opt.iterations, int) else list(opt.iterations),
+        "device": describe_device(device),
+        "seed": settings.seed,
+        "affine": settings.affine,
+        "normalization": Normalization(settings.normalization).value,
+        "seconds": round(elapsed, 3),
+        "similarity_before": before,
+        "similarity_after": after,
+        "fixed_size": list(fixed.GetSize()),
+        "fixed_spacing": list(fixed.GetSpacing()),
+        **jacobian_summary(u_cpu),
+    }
+    return RegistrationResult(
+        displacement=field_image,
+        warped=warped,
+        jacobian=jacobian_image,
+        summary=summary,
+        warped_labels=warped_labels,
+        u=u_cpu,
+        fixed=fixed,
+        moving_on_fixed=moving_on_fixed,
+    )
+
+
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: Sequence[str] = ()) -> str:
+    """Check ``out_dir`` can receive the results (before any work); returns its absolute path.
+
+    Raises InputError when it exists with files in it and ``overwrite`` is False, when it is a
+    file, or when an output would replace one of the ``inputs``.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"output path {out_dir} exists and is a file, not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise InputError(f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite")
+    outputs = {os.path.join(out_dir, name) for name in OUTPUT_FILES.values()}
+    for path in inputs:
+        if path and os.path.abspath(path) in outputs:
+            raise InputError(f"input {path} would be overwritten by an output; choose another output folder")
+    return out_dir
+
+
+def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: bool = True) -> dict[str, str]:
+    """Write the result files into ``out_dir`` (created if needed); returns name -> path."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    displacement = sitk.Cast(result.displacement, sitk.sitkVectorFloat32)
+    for key, image in (
+        ("warped", result.warped),
+        ("displacement", displacement),
+        ("jacobian", result.jacobian),
+        ("warped_labels", result.warped_labels),
+    ):
+        if image is not None:
+            paths[key] = os.path.join(out_dir, OUTPUT_FILES[key])
+            im.write_image(image, paths[key])
+    if qc and result.fixed is not None:
+        from .qc import qc_figure
+
+        paths["qc"] = os.path.join(out_dir, OUTPUT_FILES["qc"])
+        qc_figure(result.fixed, result.moving_on_fixed, result.warped, result.jacobian, paths["qc"])
+    paths["summary"] = os.path.join(out_dir, OUTPUT_FILES["summary"])
+    summary = {**result.summary, "files": {k: os.path.basename(v) for k, v in paths.items()}}
+    with open(paths["summary"], "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return paths

@@ -1,0 +1,179 @@
+"""Spatial transformer: identity grids, warping, composition, resizing, unit conversion.
+
+All fields follow :mod:`cnnreg.conventions`: ``u`` is ``(N, ndim, *spatial)`` in voxels of
+the grid it lives on, channel order = spatial tensor axis order, and it pulls:
+``warped(x) = moving(x + u(x))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .conventions import LPS_TO_RAS_SIGNS
+
+
+def _check_field(u: torch.Tensor) -> int:
+    ndim = u.dim() - 2
+    if ndim not in (2, 3) or u.shape[1] != ndim:
+        raise ValueError(
+            f"displacement must be (N, ndim, *spatial) with ndim 2 or 3 channels, got shape {tuple(u.shape)}"
+        )
+    return ndim
+
+
+def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every voxel: ``(1, ndim, *shape)``, channel ``c`` = index along axis ``c``."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def _voxel_to_normalized(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates ``(N, ndim, *S)`` -> ``grid_sample`` grid ``(N, *S, ndim)`` in ``[-1, 1]``,
+    last axis reversed to ``(x=W, y=H[, z=D])`` as ``grid_sample`` expects (align_corners=True)."""
+    ndim = len(shape)
+    scale = torch.tensor(
+        [2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=coords.device, dtype=coords.dtype
+    ).view(1, ndim, *([1] * ndim))
+    normalized = coords * scale - (scale != 0).to(coords.dtype)
+    return normalized.movedim(1, -1).flip(-1)
+
+
+def warp(
+    image: torch.Tensor,
+    u: torch.Tensor,
+    interpolation: str = "linear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Pull ``image`` through the displacement ``u``: ``out(x) = image(x + u(x))``.
+
+    Args:
+        image: ``(N, C, *S_in)``; may be on a different grid size than ``u`` only if both
+            grids share voxel coordinates (rarely what you want; normally ``S_in == S``).
+        u: ``(N, ndim, *S)`` displacement in voxels of ``image``'s grid, channel order = axes.
+        interpolation: ``"linear"`` or ``"nearest"``.
+        padding: ``"border"`` (repeat edge), ``"zeros"`` or ``"reflection"`` outside the image.
+
+    Returns:
+        ``(N, C, *S)`` warped image, same dtype as ``image``.
+    """
+    ndim = _check_field(u)
+    if image.dim() != ndim + 2:
+        raise ValueError(f"image {tuple(image.shape)} and displacement {tuple(u.shape)} differ in dimension")
+    mode = {"linear": "bilinear", "nearest": "nearest"}.get(interpolation)
+    if mode is None:
+        raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear' or 'nearest'")
+    coords = identity_grid(u.shape[2:], device=u.device, dtype=u.dtype) + u
+    grid = _voxel_to_normalized(coords, image.shape[2:])
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding, align_corners=True)
+
+
+def compose(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Field of warping by ``u`` first and then by ``v``: ``w(x) = v(x) + u(x + v(x))``.
+
+    ``warp(warp(m, u), v) ~= warp(m, compose(u, v))``. Shapes ``(N, ndim, *S)``, voxels.
+    """
+    _check_field(u)
+    return v + warp(u, v, padding="border")
+
+
+def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a voxel displacement to another grid covering the same field of view.
+
+    Voxel centres are matched as in ``align_corners=False`` (the pyramid convention used by
+    :func:`resize_image`); values are rescaled per axis by ``new_size / old_size`` so the
+    physical displacement is kept.  ``u``: ``(N, ndim, *S)`` -> ``(N, ndim, *shape)``.
+    """
+    ndim = _check_field(u)
+    shape = tuple(int(n) for n in shape)
+    if tuple(u.shape[2:]) == shape:
+        return u
+    mode = "trilinear" if ndim == 3 else "bilinear"
+    resized = F.interpolate(u, size=shape, mode=mode, align_corners=False)
+    factors = torch.tensor([new / old for new, old in zip(shape, u.shape[2:])], device=u.device, dtype=u.dtype)
+    return resized * factors.view(1, ndim, *([1] * ndim))
+
+
+def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1D Gaussian of standard deviation ``sigma`` voxels, radius ``ceil(3 sigma)``."""
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel of ``x`` ``(N, C, *S)``; ``sigma`` in voxels
+    (one value or one per axis; 0 skips an axis).  Edges are replicated."""
+    ndim = x.dim() - 2
+    sigmas = [float(sigma)] * ndim if np.isscalar(sigma) else [float(s) for s in sigma]
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    channels = x.shape[1]
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        kernel = gaussian_kernel1d(s, device=x.device, dtype=x.dtype)
+        radius = kernel.numel() // 2
+        view = [1] * ndim
+        view[axis] = kernel.numel()
+        weight = kernel.view(1, 1, *view).repeat(channels, 1, *([1] * ndim))
+        pad = [0, 0] * ndim
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), weight, groups=channels)
+    return x
+
+
+def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample ``image`` ``(N, C, *S)`` to ``shape`` (same field of view, ``align_corners=False``),
+    with Gaussian anti-aliasing (sigma = 0.5 x factor voxels) when shrinking."""
+    ndim = image.dim() - 2
+    shape = tuple(int(n) for n in shape)
+    if tuple(image.shape[2:]) == shape:
+        return image
+    factors = [old / new for old, new in zip(image.shape[2:], shape)]
+    sigmas = [0.5 * f if f > 1 else 0.0 for f in factors]
+    if any(s > 0 for s in sigmas):
+        image = gaussian_smooth(image, sigmas)
+    mode = "trilinear" if ndim == 3 else "bilinear"
+    return F.interpolate(image, size=shape, mode=mode, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Unit conversion at the boundaries (numpy, one image at a time)
+# ---------------------------------------------------------------------------------------
+
+
+def voxel_to_lps(u: np.ndarray, spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """Voxel displacement ``(ndim, *S)`` in axis order ``(k, j, i)`` -> LPS millimetres ``(*S, ndim)``
+    in world order ``(x, y, z)``: ``d = R @ diag(spacing) @ u_ijk``.
+
+    ``spacing`` is SimpleITK's ``(s_i, s_j, s_k)``; ``direction`` its flat row-major matrix.
+    """
+    ndim = len(spacing)
+    if u.shape[0] != ndim:
+        raise ValueError(f"displacement has {u.shape[0]} channels but the image is {ndim}D")
+    matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim) @ np.diag(np.asarray(spacing, float))
+    u_ijk = np.moveaxis(np.asarray(u, dtype=np.float64)[::-1], 0, -1)  # (*S, ndim) in (i, j, k)
+    return u_ijk @ matrix.T
+
+
+def lps_to_voxel(d: np.ndarray, spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """Inverse of :func:`voxel_to_lps`: LPS millimetres ``(*S, ndim)`` -> voxels ``(ndim, *S)``, ``(k, j, i)``."""
+    ndim = len(spacing)
+    if d.shape[-1] != ndim:
+        raise ValueError(f"vectors have {d.shape[-1]} components but the image is {ndim}D")
+    matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim) @ np.diag(np.asarray(spacing, float))
+    u_ijk = np.asarray(d, dtype=np.float64) @ np.linalg.inv(matrix).T
+    return np.moveaxis(u_ijk, -1, 0)[::-1].copy()
+
+
+def lps_to_ras(vectors: np.ndarray) -> np.ndarray:
+    """Flip the first two world components of 3D vectors ``(..., 3)`` (LPS <-> RAS; its own inverse)."""
+    if vectors.shape[-1] != 3:
+        raise ValueError(f"LPS/RAS conversion needs 3-component vectors, got {vectors.shape[-1]}")
+    return vectors * np.asarray(LPS_TO_RAS_SIGNS, dtype=vectors.dtype)
