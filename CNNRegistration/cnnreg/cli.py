@@ -147,7 +147,10 @@ def _run_register(args: argparse.Namespace) -> int:
         model=args.model,
         refine_iterations=args.refine_iterations,
     )
-    report({"event": "start", "fixed": args.fixed, "moving": args.moving, "mode": args.mode, "out": out_dir})
+    from .device import describe_device, resolve_device
+
+    device = describe_device(resolve_device(args.device))
+    report({"event": "start", "fixed": args.fixed, "moving": args.moving, "mode": args.mode, "device": device, "out": out_dir})
     result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
     paths = write_result(result, out_dir, qc=not args.no_qc)
     report({"event": "done", "summary": result.summary, "files": paths})

@@ -16,6 +16,7 @@ in voxels of the fixed grid (:mod:`cnnreg.conventions`).
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,9 @@ class OptimizationSettings:
         learning_rate: Adam step; None = the mode's default (0.5 voxels/step for a dense
             field, 1e-3 for the CNN weights).
         field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
+        final_learning_rate: fraction of the learning rate reached at the end of each level
+            (cosine decay; 1 = constant).  Adam's steps do not shrink by themselves, so
+            without decay a dense field keeps jittering by about one step.
         patience, tolerance: stop a level when the loss has not improved by ``tolerance``
             (relative) for ``patience`` iterations.
         features: U-Net width of the phantom CNN.
@@ -61,6 +65,7 @@ class OptimizationSettings:
     iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
     learning_rate: float | None = None
     field_smoothing: float = 1.0
+    final_learning_rate: float = 0.1
     patience: int = 20
     tolerance: float = 1e-4
     features: int = 24
@@ -148,6 +153,10 @@ def _loss_terms(
     return total, sim, reg
 
 
+def _cosine_decay(step: int, steps: int, final: float) -> float:
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
 def run_pyramid(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -188,6 +197,9 @@ def run_pyramid(
         model = make_model(base)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(_cosine_decay, steps=level_iterations, final=settings.final_learning_rate)
+        )
         best, since_best = math.inf, 0
         for iteration in range(level_iterations):
             optimizer.zero_grad(set_to_none=True)
@@ -197,6 +209,7 @@ def run_pyramid(
                 raise FloatingPointError(f"the loss became {float(total)} at level {level + 1}, iteration {iteration + 1}")
             total.backward()
             optimizer.step()
+            schedule.step()
             done_iterations += 1
             value = float(total.detach())
             if value < best - settings.tolerance * abs(best if math.isfinite(best) else value):

@@ -174,7 +174,7 @@ def register(
     before = measure(moving_t)
     with out_of_memory_as_device_error(device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
-        after = measure(warp(moving_t, u))
+        after = measure(warp(moving_t, u, padding="zeros"))  # zeros outside, as in warped.nii.gz
     elapsed = time.perf_counter() - start
 
     u_cpu = u.detach().to("cpu", torch.float64)

@@ -1,0 +1,143 @@
+"""CNNRegistration.py outside the application: its Logic and its self-test run against the
+real MRML scene with stand-ins for the pieces only the application has (``qt``,
+``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``). The stand-in wrapper
+keeps plain attributes; the real one (type checks, GUI binding) is exercised in Slicer."""
+
+import enum
+import importlib
+import subprocess
+import sys
+import types
+import typing
+import unittest
+
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from CNNRegistrationLib import process  # noqa: E402
+
+
+class WithinRange:
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+
+def parameterNodeWrapper(cls):
+    """Stand-in: attributes with the declared defaults, ``parameterNode`` = the MRML node."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    defaults = {name: getattr(cls, name, None) for name in hints}
+
+    def __init__(self, parameterNode):
+        self.parameterNode = parameterNode
+        for name, value in defaults.items():
+            setattr(self, name, value)
+
+    return type(cls.__name__, (), {"__init__": __init__, "hints": hints, "defaults": defaults})
+
+
+class ScriptedLoadableModuleLogic:
+    def getParameterNode(self):
+        return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CNNRegistration")
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, msec=None):
+        print(message)
+
+
+def stubModules():
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    scripted.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None})
+    scripted.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
+    scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = parameterNodeWrapper
+    wrapper.WithinRange = WithinRange
+    return {
+        "qt": types.ModuleType("qt"),
+        "slicer.ScriptedLoadableModule": scripted,
+        "slicer.parameterNodeWrapper": wrapper,
+    }
+
+
+@pytest.fixture
+def module(scene, monkeypatch):
+    for name, stub in stubModules().items():
+        monkeypatch.setitem(sys.modules, name, stub)
+    monkeypatch.delitem(sys.modules, "CNNRegistration", raising=False)
+    loaded = importlib.import_module("CNNRegistration")
+    yield loaded
+    sys.modules.pop("CNNRegistration", None)
+
+
+def test_parameter_node_declaration(module):
+    wrapper = module.CNNRegistrationParameterNode
+    hints, defaults = wrapper.hints, wrapper.defaults
+    assert set(hints) >= {
+        "fixedVolume",
+        "movingVolume",
+        "movingLabels",
+        "fixedMask",
+        "mode",
+        "similarity",
+        "regularizer",
+        "weight",
+        "iterations",
+        "device",
+        "keepTemporaryFiles",
+        "outputVolume",
+        "outputTransform",
+        "outputJacobian",
+    }
+    for name in ("mode", "similarity", "regularizer", "device"):
+        assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
+    for name in ("weight", "iterations"):
+        limits = typing.get_args(hints[name])[1]
+        assert limits.minimum <= defaults[name] <= limits.maximum
+    assert typing.get_args(hints["weight"])[1].maximum == 100
+    # Optional node slots must include None for the real wrapper to accept "no node".
+    for name in ("movingLabels", "fixedMask", "outputVolume", "outputTransform", "outputJacobian"):
+        assert type(None) in typing.get_args(hints[name]), name
+
+
+def test_logic_settings_presets_and_summary_text(module):
+    logic = module.CNNRegistrationLogic()
+    parameterNode = logic.getParameterNode()
+    logic.applyPreset(parameterNode, "Phantom to CT")
+    settings = logic.settingsFromParameterNode(parameterNode)
+    assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
+    text = logic.formatSummary(
+        {
+            "similarity": "lncc",
+            "similarity_before": -0.2,
+            "similarity_after": -0.6,
+            "folding_percent": 0.0123,
+            "min_jacobian": 0.2,
+            "sdlogj": 0.05,
+            "iterations": 100,
+            "seconds": 12.3,
+            "device": "cpu",
+        },
+        "/tmp/kept",
+    )
+    assert "-0.2 before, -0.6 after" in text and "0.012 %" in text and "/tmp/kept" in text
+    assert "n/a" in logic.formatSummary({})
+
+
+def backendImportable() -> bool:
+    completed = subprocess.run(
+        [sys.executable, "-c", "import cnnreg.cli"], env=process.backendEnvironment(), capture_output=True, timeout=120
+    )
+    return completed.returncode == 0
+
+
+@pytest.mark.skipif(not backendImportable(), reason="cnnreg.cli is not importable yet")
+def test_self_test_passes_outside_the_application(module, monkeypatch):
+    """The module's own self-test (a real registration of a shifted blob) with slicer-core."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny volume, shared test machine
+    result = unittest.TextTestRunner(verbosity=0).run(
+        unittest.TestLoader().loadTestsFromTestCase(module.CNNRegistrationTest)
+    )
+    assert result.wasSuccessful(), result.failures + result.errors
