@@ -1,15 +1,34 @@
 """Registration networks (2D and 3D).
 
 A network maps the pair ``cat([moving, fixed], dim=1)`` ``(N, 2, *S)`` to a displacement
-``(N, ndim, *S)`` in voxels (:mod:`cnnreg.conventions`).  Each network keeps the keyword
-arguments it was built with in ``self.config`` so a checkpoint can rebuild it.
+``(N, ndim, *S)`` in voxels of the input grid (:mod:`cnnreg.conventions`: channel ``c`` is
+the displacement along tensor axis ``c``, it pulls the moving image).  Each network keeps
+the keyword arguments it was built with in ``self.config`` so a checkpoint can rebuild it
+(:func:`build_network`, :mod:`cnnreg.checkpoint`).
+
+* :class:`UNet` -- the phantom mode's U-Net (Chen et al. 2020), optimised per pair.
+* :class:`FAIMNet` -- FAIM-style (Kuang & Schmah 2019): inception-like first block, strided
+  convolutions down, transposed convolutions up, PReLU, residual (additive) skips.
+* :class:`VoxelMorphNet` -- VoxelMorph-2-style U-Net (strided encoder, concatenated skips).
+* :class:`CascadeNet` -- a base network followed by a refinement network that sees
+  ``(warped moving, fixed, u)`` and predicts a residual deformation (FAIM's refinement module).
+
+The learned networks accept any input size (padded to a multiple of their down-sampling
+factor and cropped back), start from exactly zero displacement (zero-initialised last layer),
+and can output a stationary velocity field integrated by scaling and squaring
+(``diffeomorphic=True``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .spatial import compose, warp
 
 
 def _conv(ndim: int):
@@ -96,3 +115,304 @@ class UNet(nn.Module):
 def parameter_count(network: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Learned registration networks (trained by cnnreg.train, used by cnnreg.learned)
+# ---------------------------------------------------------------------------------------
+
+
+def _conv_transpose(ndim: int):
+    return nn.ConvTranspose3d if ndim == 3 else nn.ConvTranspose2d
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Displacement of the flow of a stationary velocity field by scaling and squaring.
+
+    ``u = v / 2^steps``, then ``steps`` times ``u <- u o u`` (:func:`cnnreg.spatial.compose`).
+    The result is (up to interpolation) a diffeomorphism; integrating ``-v`` gives its inverse.
+
+    Args:
+        velocity: ``(N, ndim, *S)`` in voxels of its grid.
+        steps: squaring steps (7 -> 128 sub-steps).
+
+    Returns:
+        ``(N, ndim, *S)`` displacement in voxels.
+    """
+    u = velocity / (2**steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+class RegistrationNetwork(nn.Module):
+    """Base class of the learned networks: padding/cropping and optional velocity integration.
+
+    Subclasses implement :meth:`predict` on an input whose spatial size is a multiple of
+    ``self.factor`` and set ``self.head`` (the last convolution, zero-initialised here).
+    """
+
+    factor: int = 1
+
+    def __init__(self, ndim: int, diffeomorphic: bool, integration_steps: int):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        if integration_steps < 0:
+            raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
+        self.ndim = ndim
+        self.diffeomorphic = bool(diffeomorphic)
+        self.integration_steps = int(integration_steps)
+
+    def _zero_head(self) -> None:
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def velocity_or_displacement(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw network output on ``x``'s grid (a velocity when ``diffeomorphic``)."""
+        if x.dim() != self.ndim + 2:
+            raise ValueError(f"{type(self).__name__} is {self.ndim}D and needs (N, C, *S) input, got {tuple(x.shape)}")
+        shape = x.shape[2:]
+        padded = [math.ceil(n / self.factor) * self.factor for n in shape]
+        before = [(p - n) // 2 for p, n in zip(padded, shape)]
+        pad = []
+        for n, p, b in reversed(list(zip(shape, padded, before))):
+            pad += [b, p - n - b]
+        if any(pad):
+            x = F.pad(x, pad)
+        out = self.predict(x)
+        if any(pad):
+            out = out[(slice(None), slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels."""
+        out = self.velocity_or_displacement(x)
+        if self.diffeomorphic:
+            out = integrate_velocity(out, self.integration_steps)
+        return out
+
+
+class InceptionBlock(nn.Module):
+    """Parallel convolutions with different kernel sizes, ``filters`` each, concatenated.
+
+    Even kernels are padded asymmetrically (one more voxel after) so every branch keeps the size.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, filters: int, kernels: Sequence[int]):
+        super().__init__()
+        self.ndim = ndim
+        self.kernels = [int(k) for k in kernels]
+        self.branches = nn.ModuleList(_conv(ndim)(in_channels, filters, k) for k in self.kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for kernel, branch in zip(self.kernels, self.branches):
+            low, high = (kernel - 1) // 2, kernel // 2
+            outputs.append(branch(F.pad(x, [low, high] * self.ndim)))
+        return torch.cat(outputs, dim=1)
+
+
+class FAIMNet(RegistrationNetwork):
+    """FAIM-style registration network (Kuang & Schmah 2019, reimplemented from the paper's facts).
+
+    Layout (``features = F``, ``levels = L``)::
+
+        pair (N, in_channels, *S)
+          -> inception block: kernels 2, 5, 7, 11 x ``filters`` each, concatenated (= F), PReLU
+          -> L x [3^ndim convolution, stride 2, F -> F, PReLU]            (encoder, S / 2^l)
+          -> 3^ndim convolution F -> F, PReLU                              (bottleneck)
+          -> L x [3^ndim transposed convolution, stride 2, PReLU, + encoder output of that size]
+          -> 3^ndim convolution F -> ndim (zero-initialised)
+
+    About 0.23 M parameters in 3D with the defaults (0.07 M in 2D).  Input sizes are padded
+    to a multiple of ``2^levels``.
+    """
+
+    def __init__(
+        self,
+        ndim: int = 3,
+        in_channels: int = 2,
+        filters: int = 8,
+        kernels: Sequence[int] = (2, 5, 7, 11),
+        features: int = 32,
+        levels: int = 3,
+        diffeomorphic: bool = False,
+        integration_steps: int = 7,
+    ):
+        super().__init__(ndim, diffeomorphic, integration_steps)
+        kernels = tuple(int(k) for k in kernels)
+        if filters * len(kernels) != features:
+            raise ValueError(
+                f"the inception block gives filters x len(kernels) = {filters * len(kernels)} channels, "
+                f"but features = {features}; they must be equal (residual adds)"
+            )
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.config = dict(
+            ndim=ndim,
+            in_channels=in_channels,
+            filters=filters,
+            kernels=kernels,
+            features=features,
+            levels=levels,
+            diffeomorphic=bool(diffeomorphic),
+            integration_steps=int(integration_steps),
+        )
+        self.factor = 2**levels
+        conv, conv_t = _conv(ndim), _conv_transpose(ndim)
+        self.inception = InceptionBlock(ndim, in_channels, filters, kernels)
+        self.inception_act = nn.PReLU(features)
+        self.down = nn.ModuleList(
+            nn.Sequential(conv(features, features, 3, stride=2, padding=1), nn.PReLU(features)) for _ in range(levels)
+        )
+        self.bottleneck = nn.Sequential(conv(features, features, 3, padding=1), nn.PReLU(features))
+        self.up = nn.ModuleList(
+            nn.Sequential(
+                conv_t(features, features, 3, stride=2, padding=1, output_padding=1),
+                nn.PReLU(features),
+            )
+            for _ in range(levels)
+        )
+        self.head = conv(features, ndim, 3, padding=1)
+        self._zero_head()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inception_act(self.inception(x))
+        skips = [x]
+        for down in self.down:
+            x = down(x)
+            skips.append(x)
+        x = self.bottleneck(x) + x
+        for up, skip in zip(self.up, reversed(skips[:-1])):
+            x = up(x) + skip
+        return self.head(x)
+
+
+class VoxelMorphNet(RegistrationNetwork):
+    """VoxelMorph-2-style U-Net (Balakrishnan et al. 2019), LeakyReLU(0.2), 3^ndim convolutions.
+
+    The encoder halves the size with each stride-2 convolution (``encoder`` widths); the
+    decoder runs one convolution per width in ``decoder``: the first ``len(encoder)`` at the
+    encoder's scales from coarse to fine, each followed by 2x upsampling and concatenation
+    with the encoder feature (or the input pair) of the next finer scale; the remaining
+    ones at full resolution.  A zero-initialised 3^ndim convolution gives the field.
+    About 0.30 M parameters in 3D with the defaults (0.10 M in 2D).
+    """
+
+    def __init__(
+        self,
+        ndim: int = 3,
+        in_channels: int = 2,
+        encoder: Sequence[int] = (16, 32, 32, 32),
+        decoder: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        diffeomorphic: bool = False,
+        integration_steps: int = 7,
+    ):
+        super().__init__(ndim, diffeomorphic, integration_steps)
+        encoder, decoder = tuple(int(c) for c in encoder), tuple(int(c) for c in decoder)
+        if len(decoder) < len(encoder) + 1:
+            raise ValueError(f"decoder needs at least len(encoder) + 1 = {len(encoder) + 1} widths, got {decoder}")
+        self.config = dict(
+            ndim=ndim,
+            in_channels=in_channels,
+            encoder=encoder,
+            decoder=decoder,
+            diffeomorphic=bool(diffeomorphic),
+            integration_steps=int(integration_steps),
+        )
+        self.factor = 2 ** len(encoder)
+        conv = _conv(ndim)
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+        self.encoder = nn.ModuleList()
+        channels, skip_channels = in_channels, [in_channels]
+        for width in encoder:
+            self.encoder.append(block(channels, width, stride=2))
+            channels = width
+            skip_channels.append(width)
+        skip_channels = skip_channels[:-1][::-1]  # finer-scale skips, coarse to fine
+        self.decoder = nn.ModuleList()
+        for index, width in enumerate(decoder):
+            self.decoder.append(block(channels, width))
+            channels = width
+            if index < len(encoder):
+                channels += skip_channels[index]
+        self.head = conv(channels, ndim, 3, padding=1)
+        self._zero_head()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [x]
+        for layer in self.encoder:
+            x = layer(x)
+            skips.append(x)
+        skips = skips[:-1][::-1]
+        for index, layer in enumerate(self.decoder):
+            x = layer(x)
+            if index < len(skips):
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+                x = torch.cat([x, skips[index]], dim=1)
+        return self.head(x)
+
+
+class CascadeNet(nn.Module):
+    """A base network followed by a refinement network (FAIM's refinement module).
+
+    ``u0 = base(cat(moving, fixed))``; the refiner sees ``cat(warp(moving, u0), fixed, u0)``
+    ``(N, 2 + ndim, *S)`` and predicts a residual deformation ``r`` of the warped image, so
+    ``u = compose(u0, r) = r + u0(x + r)`` (warp by ``u0`` first, then by ``r``).
+
+    Args:
+        base, refiner: ``{"architecture": class name, "config": constructor kwargs}`` (the
+            refiner's ``in_channels`` must be ``2 + ndim``).
+    """
+
+    def __init__(self, base: dict, refiner: dict):
+        super().__init__()
+        self.config = dict(base=dict(base), refiner=dict(refiner))
+        self.base = build_network(base["architecture"], base["config"])
+        self.refiner = build_network(refiner["architecture"], refiner["config"])
+        self.ndim = self.base.ndim
+        if self.refiner.ndim != self.ndim:
+            raise ValueError(f"base is {self.ndim}D but refiner is {self.refiner.ndim}D")
+        if self.refiner.config.get("in_channels") != 2 + self.ndim:
+            raise ValueError(f"the refiner needs in_channels = 2 + ndim = {2 + self.ndim}, got {self.refiner.config}")
+
+    def refine(self, pair: torch.Tensor, u0: torch.Tensor, refiner: nn.Module | None = None) -> torch.Tensor:
+        """Final field from the base field ``u0`` (``pair`` = ``cat(moving, fixed)``); ``refiner``
+        replaces ``self.refiner`` (e.g. its DistributedDataParallel wrapper during training)."""
+        moving, fixed = pair[:, :1], pair[:, 1:2]
+        residual = (refiner or self.refiner)(torch.cat([warp(moving, u0), fixed, u0], dim=1))
+        return compose(u0, residual)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """``pair`` ``(N, 2, *S)`` -> ``u`` ``(N, ndim, *S)`` voxels."""
+        return self.refine(pair, self.base(pair))
+
+
+#: architecture name (class name, as stored in checkpoints) -> class
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "FAIMNet": FAIMNet,
+    "VoxelMorphNet": VoxelMorphNet,
+    "CascadeNet": CascadeNet,
+    "UNet": UNet,
+}
+
+#: short names accepted in training configs
+SHORT_NAMES = {"faim": "FAIMNet", "voxelmorph": "VoxelMorphNet", "unet": "UNet"}
+
+
+def build_network(architecture: str, config: dict) -> nn.Module:
+    """Instantiate ``architecture`` (class name or short name) with the keyword arguments ``config``.
+
+    Raises KeyError for an unknown architecture, TypeError/ValueError for a bad config.
+    """
+    name = SHORT_NAMES.get(architecture, architecture)
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)} or {sorted(SHORT_NAMES)}")
+    return ARCHITECTURES[name](**config)

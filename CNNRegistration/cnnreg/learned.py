@@ -1,0 +1,132 @@
+"""Learned mode: one forward pass of a trained network gives the displacement.
+
+Resampling policy
+    A network is trained on a fixed *working grid* (``working_shape`` in its checkpoint, e.g.
+    64^3 for the shipped 3D brain weights): every training image's whole field of view was
+    resampled to it, axis by axis.  :func:`predict_field` does the same with the pair:
+    both images are resampled to the working shape (:func:`cnnreg.spatial.resize_image`,
+    same field of view, Gaussian anti-aliasing when shrinking), the network runs once, and
+    its field is resampled back to the fixed grid (:func:`cnnreg.spatial.resize_field`,
+    linear, values rescaled per axis so the physical displacement is kept).  The field is
+    therefore no finer than the working grid.  When an axis of the image is more than
+    :data:`MAX_RESAMPLING_FACTOR` times larger or smaller than the working shape the
+    anatomy would be at a scale the network never saw, so the pair is refused with an
+    :class:`~cnnreg.errors.InputError` (crop or resample the images, or train a model for
+    that grid).  A checkpoint without a working shape runs at the images' own size.
+
+Shipped weights
+    ``Resources/Models/`` at the repository root (``CNNRegistration/cnnreg/../../Resources/Models``),
+    or the folder named by the environment variable ``CNNREG_MODELS_DIR``, holds
+    ``models.json`` listing each weights file with its dimension and SHA-256; the first
+    entry with ``"default": true`` (else the first) for the pair's dimension is used.
+    They are produced by ``scripts/train_weights.py`` (see the model card ``README.md`` there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MANIFEST_NAME, Checkpoint, load_checkpoint, read_manifest
+from .errors import InputError
+from .spatial import resize_field, resize_image
+
+#: largest accepted ratio between an image axis and the network's working shape (either way)
+MAX_RESAMPLING_FACTOR = 4.0
+
+MODELS_ENV = "CNNREG_MODELS_DIR"
+
+
+def models_folder() -> Path:
+    """Folder of the shipped weights (``$CNNREG_MODELS_DIR`` or ``<repository>/Resources/Models``)."""
+    override = os.environ.get(MODELS_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+def _how_to_get_weights(ndim: int) -> str:
+    return (
+        f"train them with `python scripts/train_weights.py` (writes {ndim}D and the other weights, "
+        "models.json and the model card into Resources/Models; see Resources/Models/README.md), "
+        "or train your own with `python -m cnnreg train` and pass it with --model FILE"
+    )
+
+
+def shipped_model_path(ndim: int) -> str:
+    """Path of the shipped weights for ``ndim`` (2 or 3); InputError when none are shipped."""
+    folder = models_folder()
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        raise InputError(f"no shipped {ndim}D weights: {manifest} does not exist; {_how_to_get_weights(ndim)}")
+    entries = [e for e in read_manifest(manifest) if int(e.get("ndim", 0)) == ndim and e.get("file")]
+    if not entries:
+        raise InputError(f"no shipped {ndim}D weights are listed in {manifest}; {_how_to_get_weights(ndim)}")
+    defaults = [e for e in entries if e.get("default")]
+    entry = (defaults or entries)[0]
+    path = folder / str(entry["file"])
+    if not path.is_file():
+        raise InputError(f"the shipped {ndim}D weights {path} listed in {manifest} are missing; {_how_to_get_weights(ndim)}")
+    return str(path)
+
+
+def load_model(model_path: str | os.PathLike | None, ndim: int) -> Checkpoint:
+    """The checkpoint at ``model_path`` (any recorded SHA-256 verified) or the shipped ``ndim``D
+    weights (SHA-256 required), checked to be ``ndim``D."""
+    if model_path is None:
+        return load_checkpoint(shipped_model_path(ndim), expected_ndim=ndim, require_hash=True)
+    return load_checkpoint(model_path, expected_ndim=ndim)
+
+
+def check_resampling(shape, working_shape, path: str = "") -> None:
+    """InputError when an axis of ``shape`` differs from ``working_shape`` by more than
+    :data:`MAX_RESAMPLING_FACTOR` (see the module docstring)."""
+    for axis, (n, w) in enumerate(zip(shape, working_shape)):
+        factor = n / w
+        if factor > MAX_RESAMPLING_FACTOR or factor < 1.0 / MAX_RESAMPLING_FACTOR:
+            raise InputError(
+                f"the image grid {tuple(shape)} is too far from the model's working grid {tuple(working_shape)} "
+                f"(axis {axis}: {n} vs {w} voxels, factor {factor:.2f}; at most {MAX_RESAMPLING_FACTOR:g}x either way)"
+                f"{' for ' + path if path else ''}; crop or resample the images, or train a model for that grid"
+            )
+
+
+def predict_field(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    model_path: str | os.PathLike | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> torch.Tensor:
+    """Displacement from one forward pass of a trained network.
+
+    Args:
+        fixed, moving: ``(1, 1, *S)`` normalised images on the fixed grid (2D or 3D), on any device.
+        model_path: checkpoint file; None = the shipped weights for the pair's dimension.
+        checkpoint: an already loaded checkpoint (then ``model_path`` is ignored).
+
+    Returns:
+        ``u`` ``(1, ndim, *S)`` in voxels of the fixed grid, on the images' device and dtype.
+
+    Raises:
+        InputError: no/unusable weights, wrong dimension, grid too far from the working shape.
+    """
+    ndim = fixed.dim() - 2
+    if ndim not in (2, 3) or fixed.shape[:2] != (1, 1) or moving.shape != fixed.shape:
+        raise InputError(
+            f"the learned mode needs fixed and moving as (1, 1, *S) tensors of the same 2D/3D shape, "
+            f"got {tuple(fixed.shape)} and {tuple(moving.shape)}"
+        )
+    checkpoint = checkpoint or load_model(model_path, ndim)
+    if checkpoint.ndim != ndim:
+        raise InputError(f"model {checkpoint.path} holds {checkpoint.ndim}D weights but the images are {ndim}D")
+    shape = tuple(fixed.shape[2:])
+    working = checkpoint.working_shape or shape
+    check_resampling(shape, working, checkpoint.path)
+    network = checkpoint.network.to(device=fixed.device, dtype=torch.float32).eval()
+    with torch.no_grad():
+        pair = torch.cat([moving, fixed], dim=1).to(torch.float32)
+        u = network(resize_image(pair, working))
+        u = resize_field(u, shape)
+    return u.to(fixed.dtype)

@@ -1,0 +1,944 @@
+"""Train a learned registration network (FAIM- or VoxelMorph-style), unsupervised.
+
+Command line (also ``torchrun --nproc_per_node=N -m cnnreg train ...`` for data parallel)::
+
+    python -m cnnreg train --images DIR_OR_LIST [--labels DIR_OR_LIST] [--config FILE] --out model.pt
+
+As a function: :func:`train` on in-memory :class:`cnnreg.augment.Sample` lists, or
+:func:`train_from_files`.
+
+Loss per pair (``u`` on the fixed grid, voxels; :mod:`cnnreg.conventions`)::
+
+    similarity_loss(fixed, warp(moving, u))                       (default LNCC, 9-voxel window)
+    + weight x regularization(u)                                  (default diffusion)
+    + jacobian_weight x negative_jacobian(u)                      (FAIM's folding penalty; mean)
+    + dice_weight x (1 - soft Dice(fixed labels, warp(one-hot moving labels, u)))   (optional)
+    + cycle_weight x similarity_loss(x, x warped there and back)  (cycle-consistent training)
+
+Cycle-consistent training registers both directions (one batched forward pass) and adds
+the similarity of each image with itself warped by the composed fields (there and back).
+The refinement variant trains a :class:`~cnnreg.networks.CascadeNet` alternately: for
+``alternate_every`` epochs the base network alone (loss on its own field), then as many the
+refinement network with the base frozen (loss on the composed field), and so on.
+
+Pairs are drawn on the fly (:class:`cnnreg.augment.PairSampler`): different images, and
+images vs randomly deformed copies of themselves, with intensity augmentation; all images
+are resampled to the working grid.  Each epoch: validation on held-out pairs (Dice of
+labels warped with nearest neighbour when labels exist, similarity, folding), a checkpoint
+``<out>.last.pt`` (with optimizer state, for ``--resume``), ``<out>`` when validation
+improves, and a training-curve picture ``<out stem>_curve.png``.  Progress: JSON lines on
+standard output (events ``start``, ``progress``, ``epoch``, ``done``) and a bar on standard
+error when it is a terminal, as for ``register``.
+
+Distributed data parallel: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each process
+initialises ``torch.distributed`` (gloo on CPU, NCCL on CUDA), wraps the network(s) in
+``DistributedDataParallel``, draws its own pairs (random stream seeded by rank) and
+validates its share of the validation pairs; only rank 0 writes files and progress.
+``batch_size`` is per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import image as im
+from .augment import AugmentSettings, PairBatch, PairSampler, Sample, validation_pairs
+from .checkpoint import load_checkpoint, plain, save_checkpoint
+from .conventions import Normalization, Regularizer, Similarity, choices
+from .device import describe_device, resolve_device, seed_everything
+from .errors import InputError
+from .jacobian import folding_fraction, jacobian_determinant
+from .losses import similarity_loss, similarity_options
+from .networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
+from .regularizers import negative_jacobian, regularization
+from .spatial import compose, resize_image, warp
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg")
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
+DEFAULT_WORKING_SHAPE = {2: (128, 128), 3: (64, 64, 64)}
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run (JSON config keys = these field names).
+
+    Attributes:
+        architecture: ``faim`` or ``voxelmorph`` (or a class name of cnnreg.networks).
+        network: extra constructor keyword arguments of the network (e.g. ``{"features": 32}``).
+        diffeomorphic: the network outputs a velocity integrated by scaling and squaring.
+        working_shape: grid every image is resampled to (default 64^3 in 3D, 128^2 in 2D).
+        normalization: intensity normalisation of the images (also used at inference).
+        similarity, window: similarity measure and LNCC window (voxels, odd).
+        regularizer, weight: field regularizer and its weight.
+        jacobian_weight: weight of the mean negative-Jacobian penalty (0 = off).
+        dice_weight: weight of ``1 - soft Dice`` when every training image has labels.
+        cycle, cycle_weight: cycle-consistent training and the weight of its term.
+        refine, refine_network, alternate_every: train a refinement network alternately with
+            the base network (``refine_network`` = its FAIMNet kwargs), switching every
+            ``alternate_every`` epochs.
+        epochs, steps_per_epoch, batch_size, learning_rate: optimisation (Adam); batch per process.
+        grad_clip: clip the gradient norm (0 = off).
+        val_count: real images held out for validation when no validation images are given
+            (None = 20 % of them when there are at least 3, else none: the validation pairs are
+            then fresh deformations of training images).
+        val_pairs_per_image: deformed-copy validation pairs per validation image.
+        val_cross_pairs: also validate on every ordered pair of different validation images and,
+            with ``val_cross_train``, of each validation image with each training image (both ways).
+        seed, device: random seed; ``auto``, ``cpu``, ``cuda[:N]``.
+        augment: :class:`cnnreg.augment.AugmentSettings` (a dict in JSON).
+    """
+
+    architecture: str = "faim"
+    network: dict = field(default_factory=dict)
+    diffeomorphic: bool = False
+    working_shape: list[int] | None = None
+    normalization: str = Normalization.MAX.value
+    similarity: str = Similarity.LNCC.value
+    window: int = 9
+    regularizer: str = Regularizer.DIFFUSION.value
+    weight: float = 1.0
+    jacobian_weight: float = 0.1
+    dice_weight: float = 0.0
+    cycle: bool = False
+    cycle_weight: float = 1.0
+    refine: bool = False
+    refine_network: dict = field(default_factory=lambda: {"filters": 4, "features": 16, "levels": 2})
+    alternate_every: int = 1
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    grad_clip: float = 0.0
+    val_count: int | None = None
+    val_pairs_per_image: int = 2
+    val_cross_pairs: bool = True
+    val_cross_train: bool = True
+    seed: int = 0
+    device: str = "auto"
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+    def validate(self, ndim: int | None = None) -> None:
+        """Raise InputError for an impossible setting (names the setting and the value)."""
+        for value, enum_type, what in (
+            (self.similarity, Similarity, "similarity"),
+            (self.regularizer, Regularizer, "regularizer"),
+            (self.normalization, Normalization, "normalization"),
+        ):
+            try:
+                enum_type(value)
+            except ValueError:
+                raise InputError(f"unknown {what} {value!r}; choose one of {choices(enum_type)}") from None
+        name = SHORT_NAMES.get(self.architecture, self.architecture)
+        if name not in ("FAIMNet", "VoxelMorphNet"):
+            raise InputError(f"unknown architecture {self.architecture!r}; choose faim or voxelmorph")
+        for what in ("epochs", "steps_per_epoch", "batch_size", "alternate_every", "val_pairs_per_image"):
+            value = getattr(self, what)
+            if not isinstance(value, int) or value < (0 if what == "val_pairs_per_image" else 1):
+                raise InputError(f"{what} must be a positive integer, got {value!r}")
+        for what in ("weight", "jacobian_weight", "dice_weight", "cycle_weight", "grad_clip"):
+            if getattr(self, what) < 0:
+                raise InputError(f"{what} must be >= 0, got {getattr(self, what)}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.window < 1 or self.window % 2 == 0:
+            raise InputError(f"window must be a positive odd number of voxels, got {self.window}")
+        if self.working_shape is not None:
+            if ndim is not None and len(self.working_shape) != ndim:
+                raise InputError(f"working_shape {list(self.working_shape)} has {len(self.working_shape)} axes but the images are {ndim}D")
+            if min(self.working_shape) < 8:
+                raise InputError(f"working_shape {list(self.working_shape)} is too small (at least 8 voxels per axis)")
+
+    def shape_for(self, ndim: int) -> tuple[int, ...]:
+        return tuple(int(n) for n in (self.working_shape or DEFAULT_WORKING_SHAPE[ndim]))
+
+    def to_dict(self) -> dict:
+        return plain(asdict(self))
+
+
+def settings_from_dict(data: dict) -> TrainSettings:
+    """TrainSettings from a (config-file) dict; unknown keys raise InputError."""
+    known = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"unknown training setting(s) {unknown}; valid keys: {sorted(known)}")
+    values = dict(data)
+    if "augment" in values:
+        augment = values["augment"]
+        if isinstance(augment, dict):
+            valid = {f.name for f in fields(AugmentSettings)}
+            bad = sorted(set(augment) - valid)
+            if bad:
+                raise InputError(f"unknown augment setting(s) {bad}; valid keys: {sorted(valid)}")
+            values["augment"] = AugmentSettings(**augment)
+    return TrainSettings(**values)
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a JSON (or, when PyYAML is installed, YAML) training config into a dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise InputError(f"{path} is YAML but PyYAML is not installed; use a JSON config") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise InputError(f"cannot parse the YAML config {path}: {error}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"cannot parse the JSON config {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"config {path} must hold an object of settings, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+
+
+def expand_paths(entries: Sequence[str] | str | None) -> list[str]:
+    """Folders (their image files, sorted), list files (one path per line, relative to the
+    list's folder, ``#`` comments) and image files -> a flat list of image paths."""
+    if entries is None:
+        return []
+    if isinstance(entries, (str, os.PathLike)):
+        entries = [entries]
+    paths: list[str] = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if os.path.isdir(entry):
+            found = sorted(
+                os.path.join(entry, name)
+                for name in os.listdir(entry)
+                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+            )
+            if not found:
+                raise InputError(f"folder {entry} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif entry.lower().endswith(LIST_SUFFIXES):
+            if not os.path.isfile(entry):
+                raise InputError(f"image list file not found: {entry}")
+            base = os.path.dirname(os.path.abspath(entry))
+            with open(entry, encoding="utf-8") as handle:
+                for line in handle:
+                    line = line.split("#", 1)[0].strip()
+                    if line:
+                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+        else:
+            paths.append(entry)
+    return paths
+
+
+def resize_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resampling of a label map ``(N, 1, *S)`` to ``shape`` (same field of view,
+    voxel centres matched as in :func:`cnnreg.spatial.resize_image`)."""
+    if tuple(labels.shape[2:]) == tuple(shape):
+        return labels
+    return F.interpolate(labels.float(), size=tuple(shape), mode="nearest-exact")
+
+
+def make_sample(
+    name: str,
+    array: np.ndarray,
+    working_shape: Sequence[int],
+    normalization: str = "max",
+    labels: np.ndarray | None = None,
+    label_space: str | None = None,
+    group: str | None = None,
+) -> Sample:
+    """A :class:`Sample` from an image array ``(D, H, W)``/``(H, W)`` (and optional label map),
+    normalised and resampled to ``working_shape``.  Labels keep their values (see
+    :func:`index_labels` to make them consecutive)."""
+    array = im.normalize(np.asarray(array, dtype=np.float32), normalization)
+    image = resize_image(torch.from_numpy(np.ascontiguousarray(array))[None, None], working_shape)[0]
+    label_tensor = None
+    if labels is not None:
+        label_tensor = resize_labels(torch.from_numpy(np.asarray(labels, dtype=np.float32))[None, None], working_shape)[0]
+    return Sample(name, image.float(), label_tensor, label_space if labels is not None else None, group)
+
+
+def index_labels(samples: Sequence[Sample]) -> dict[str, list[int]]:
+    """Replace label values by consecutive indices (0 = background stays 0) per label space, in
+    place; returns ``{space: [value of index 0, 1, ...]}``."""
+    spaces: dict[str, set[int]] = {}
+    for sample in samples:
+        if sample.labels is not None:
+            spaces.setdefault(sample.label_space or "", set()).update(int(v) for v in torch.unique(sample.labels))
+    tables = {}
+    for space, values in spaces.items():
+        table = sorted(values | {0})
+        tables[space] = table
+        lookup = {value: index for index, value in enumerate(table)}
+        for sample in samples:
+            if sample.labels is not None and (sample.label_space or "") == space:
+                mapped = torch.zeros_like(sample.labels)
+                for value in torch.unique(sample.labels).tolist():
+                    mapped[sample.labels == value] = float(lookup[int(value)])
+                sample.labels = mapped
+    return tables
+
+
+def load_samples(
+    image_paths: Sequence[str],
+    label_paths: Sequence[str] | None,
+    settings: TrainSettings,
+    ndim: int | None = None,
+    label_space: str = "labels",
+) -> list[Sample]:
+    """Read images (and label maps on their grids) and resample them to the working shape."""
+    label_paths = list(label_paths or [])
+    if label_paths and len(label_paths) != len(image_paths):
+        raise InputError(f"{len(image_paths)} images but {len(label_paths)} label maps; give one label map per image, in order")
+    samples = []
+    for index, path in enumerate(image_paths):
+        image = im.read_image(path, "training image")
+        array = im.to_array(image)
+        if ndim is None:
+            ndim = array.ndim
+        if array.ndim != ndim:
+            raise InputError(f"training image {path} is {array.ndim}D but the others are {ndim}D; train 2D and 3D models separately")
+        labels = None
+        if label_paths:
+            import SimpleITK as sitk
+
+            label_path = label_paths[index]
+            if not os.path.isfile(label_path):
+                raise InputError(f"label map not found: {label_path}")
+            label_image = sitk.ReadImage(label_path)
+            im.check_labels(label_image, image, f"labels {label_path}")
+            labels = im.to_array(label_image)
+        samples.append(make_sample(Path(path).name, array, settings.shape_for(ndim), settings.normalization, labels, label_space))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------
+# losses and one training step
+# ---------------------------------------------------------------------------------------
+
+
+def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Label indices ``(N, 1, *S)`` -> one-hot ``(N, classes, *S)`` float."""
+    return F.one_hot(labels[:, 0].round().long().clamp(0, classes - 1), classes).movedim(-1, 1).to(torch.float32)
+
+
+def soft_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean soft Dice ``2 sum(ab) / (sum(a) + sum(b))`` over the foreground channels (1..) present
+    in ``a`` or ``b``, per item, then over the batch.  ``a, b``: ``(N, L, *S)`` in [0, 1]."""
+    dims = tuple(range(2, a.dim()))
+    a, b = a[:, 1:], b[:, 1:]
+    overlap = (a * b).sum(dims)
+    sizes = a.sum(dims) + b.sum(dims)
+    present = (sizes > eps).to(a.dtype)
+    dice = 2 * overlap / sizes.clamp_min(eps)
+    return ((dice * present).sum(1) / present.sum(1).clamp_min(1)).mean()
+
+
+def registration_loss(
+    settings: TrainSettings,
+    u: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_labels: torch.Tensor | None = None,
+    moving_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unsupervised loss of ``u`` ``(N, ndim, *S)`` for the pairs ``(fixed, moving)`` ``(N, 1, *S)``
+    (mean over the batch), plus the optional Dice term.  Returns ``(total, terms)``."""
+    options = similarity_options(settings.similarity, settings.window)
+    sim = similarity_loss(settings.similarity, fixed, warp(moving, u), **options)
+    reg = regularization(settings.regularizer, u)
+    total = sim + settings.weight * reg
+    terms = {"similarity_loss": sim, "regularization": reg}
+    if settings.jacobian_weight > 0:
+        negjac = negative_jacobian(u)
+        total = total + settings.jacobian_weight * negjac
+        terms["negative_jacobian"] = negjac
+    if settings.dice_weight > 0 and fixed_labels is not None and moving_labels is not None:
+        classes = int(max(fixed_labels.max(), moving_labels.max())) + 1
+        dice = soft_dice(one_hot(fixed_labels, classes), warp(one_hot(moving_labels, classes), u))
+        total = total + settings.dice_weight * (1 - dice)
+        terms["dice"] = dice
+    return total, terms
+
+
+#: loss terms reported per epoch (averaged over the steps and processes that have them)
+_TERMS = ("loss", "similarity_loss", "regularization", "negative_jacobian", "dice", "cycle")
+
+
+@dataclass
+class Trainable:
+    """The network being trained and its (possibly DDP-wrapped) parts.
+
+    ``network`` is the plain module (checkpointed, validated); ``base``/``refiner`` are the
+    modules called in training steps (``DistributedDataParallel`` wrappers under DDP)."""
+
+    network: nn.Module
+    base: nn.Module
+    refiner: nn.Module | None = None
+
+    @property
+    def is_cascade(self) -> bool:
+        return isinstance(self.network, CascadeNet)
+
+
+def forward_field(parts: Trainable, pair: torch.Tensor, phase: str = "base") -> torch.Tensor:
+    """Field for ``pair`` ``(N, 2, *S)``: the base network's, or in the ``refine`` phase of a
+    cascade the refined field with the base network frozen."""
+    if not parts.is_cascade or phase == "base":
+        return parts.base(pair)
+    with torch.no_grad():
+        u0 = parts.network.base(pair)
+    return parts.network.refine(pair, u0, refiner=parts.refiner)
+
+
+def training_step(
+    parts: Trainable, batch: PairBatch, settings: TrainSettings, phase: str = "base"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one batch (no backward).  With ``settings.cycle`` both directions are registered
+    in one forward pass and the there-and-back similarity is added (``terms["cycle"]``)."""
+    fixed, moving = batch.fixed, batch.moving
+    fixed_labels, moving_labels = batch.fixed_labels, batch.moving_labels
+    if settings.cycle:
+        fixed, moving = torch.cat([batch.fixed, batch.moving]), torch.cat([batch.moving, batch.fixed])
+        if fixed_labels is not None:
+            fixed_labels = torch.cat([batch.fixed_labels, batch.moving_labels])
+            moving_labels = torch.cat([batch.moving_labels, batch.fixed_labels])
+    u = forward_field(parts, torch.cat([moving, fixed], dim=1), phase)
+    total, terms = registration_loss(settings, u, fixed, moving, fixed_labels, moving_labels)
+    if settings.cycle:
+        n = batch.fixed.shape[0]
+        back = torch.cat([u[n:], u[:n]])  # the opposite direction of each item
+        there_and_back = warp(moving, compose(u, back))
+        options = similarity_options(settings.similarity, settings.window)
+        cycle = similarity_loss(settings.similarity, moving, there_and_back, **options)
+        total = total + settings.cycle_weight * cycle
+        terms["cycle"] = cycle
+    return total, terms
+
+
+# ---------------------------------------------------------------------------------------
+# distributed data parallel
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
+    """Resolve the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group
+    (gloo on CPU, NCCL on CUDA; one GPU per process, ``cuda:LOCAL_RANK``)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return Distributed(), device
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Distributed(rank, world_size, local_rank, True), device
+
+
+def wrap_parallel(network: nn.Module, info: Distributed, device: torch.device) -> Trainable:
+    """The :class:`Trainable` for ``network`` (already on ``device``), DDP-wrapped when distributed."""
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if not info.enabled:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    if isinstance(network, CascadeNet):
+        return Trainable(network, wrap(network.base), wrap(network.refiner))
+    return Trainable(network, wrap(network))
+
+
+def _all_reduce_sum(values: list[float], info: Distributed, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# network, validation, plotting
+# ---------------------------------------------------------------------------------------
+
+
+def build_training_network(settings: TrainSettings, ndim: int) -> nn.Module:
+    """The network described by ``settings`` (a CascadeNet when ``settings.refine``)."""
+    name = SHORT_NAMES.get(settings.architecture, settings.architecture)
+    config = {"ndim": ndim, "diffeomorphic": settings.diffeomorphic, **settings.network}
+    try:
+        if not settings.refine:
+            return build_network(name, config)
+        refiner = {"ndim": ndim, "in_channels": 2 + ndim, "diffeomorphic": settings.diffeomorphic, **settings.refine_network}
+        return CascadeNet({"architecture": name, "config": config}, {"architecture": "FAIMNet", "config": refiner})
+    except (TypeError, ValueError, KeyError) as error:
+        raise InputError(f"cannot build the {settings.architecture} network from {config}: {error}") from None
+
+
+def validate(
+    network: nn.Module, pairs: Sequence[PairBatch], settings: TrainSettings, info: Distributed, device: torch.device
+) -> dict:
+    """Validation metrics over ``pairs`` (this rank's share; summed over ranks): mean loss,
+    similarity loss, Dice after/before (labels warped with nearest neighbour; pairs with labels
+    only), folding percent.  Dice values are None without labelled pairs."""
+    from .evaluate import dice_per_label
+
+    network.eval()
+    sums = [0.0] * 7  # loss, similarity, folding, pairs, dice, dice_before, labelled pairs
+    with torch.no_grad():
+        for pair in list(pairs)[info.rank :: info.world_size]:
+            pair = pair.to(device)
+            u = network(torch.cat([pair.moving, pair.fixed], dim=1))
+            total, terms = registration_loss(settings, u, pair.fixed, pair.moving)
+            sums[0] += float(total)
+            sums[1] += float(terms["similarity_loss"])
+            sums[2] += 100.0 * folding_fraction(jacobian_determinant(u.double()))
+            sums[3] += 1
+            if pair.fixed_labels is not None and pair.moving_labels is not None:
+                fixed_labels = pair.fixed_labels[0, 0].round().long().cpu().numpy()
+                warped = warp(pair.moving_labels, u, interpolation="nearest")[0, 0].round().long().cpu().numpy()
+                before = pair.moving_labels[0, 0].round().long().cpu().numpy()
+                try:
+                    after_dice = dice_per_label(fixed_labels, warped)
+                    before_dice = dice_per_label(fixed_labels, before)
+                except InputError:
+                    continue
+                sums[4] += float(np.nanmean(list(after_dice.values())))
+                sums[5] += float(np.nanmean(list(before_dice.values())))
+                sums[6] += 1
+    sums = _all_reduce_sum(sums, info, device)
+    count, labelled = max(sums[3], 1), sums[6]
+    return {
+        "val_loss": sums[0] / count,
+        "val_similarity_loss": sums[1] / count,
+        "val_folding_percent": sums[2] / count,
+        "val_pairs": int(sums[3]),
+        "val_dice": sums[4] / labelled if labelled else None,
+        "val_dice_before": sums[5] / labelled if labelled else None,
+    }
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Training curve (loss per epoch; validation Dice on a second axis) as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss")
+    axis.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation loss")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    lines, names = axis.get_legend_handles_labels()
+    if any(h.get("val_dice") is not None for h in history):
+        dice_axis = axis.twinx()
+        dice_axis.plot(epochs, [h.get("val_dice") for h in history], "^-", color="tab:green", label="validation Dice")
+        dice_axis.set_ylabel("Dice")
+        more_lines, more_names = dice_axis.get_legend_handles_labels()
+        lines, names = lines + more_lines, names + more_names
+    axis.legend(lines, names, loc="best", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, str]:
+    """``best`` = ``out``; ``last`` = ``<out stem>.last.pt``; ``curve`` = ``<out stem>_curve.png``."""
+    out = os.path.abspath(os.fspath(out))
+    stem = out[: -len(".pt")] if out.endswith(".pt") else out
+    return {"best": out, "last": stem + ".last.pt", "curve": stem + "_curve.png"}
+
+
+def _better(metrics: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    if metrics.get("val_dice") is not None and best.get("val_dice") is not None:
+        return metrics["val_dice"] > best["val_dice"]
+    return metrics["val_loss"] < best["val_loss"]
+
+
+# ---------------------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------------------
+
+
+def train(
+    settings: TrainSettings,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample] | None,
+    out: str | os.PathLike,
+    resume: str | os.PathLike | None = None,
+    callback: Callable[[dict], None] | None = None,
+    info: Distributed | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    """Train and write checkpoints (see the module docstring); returns a summary dict.
+
+    Args:
+        settings: training settings.
+        train_samples: images on the working grid (labels as consecutive indices, see
+            :func:`index_labels`).
+        val_samples: held-out images; None/empty = validation pairs from fresh deformations
+            of the training images (seeded apart from the training stream).
+        out: best checkpoint path; ``<stem>.last.pt`` and ``<stem>_curve.png`` go next to it.
+        resume: a ``.last.pt`` checkpoint to continue from (network, optimizers, epoch, history).
+        callback: receives progress dicts (rank 0 only).
+        info, device: distributed context and device (default: :func:`init_distributed`).
+    """
+    if not train_samples:
+        raise InputError("no training images")
+    ndim = train_samples[0].image.dim() - 1
+    settings.validate(ndim)
+    if info is None or device is None:
+        info, device = init_distributed(settings.device)
+    seed_everything(settings.seed)
+    report = callback if (callback is not None and info.is_main) else (lambda event: None)
+    paths = output_paths(out)
+    working_shape = tuple(train_samples[0].image.shape[1:])
+    if settings.dice_weight > 0 and any(s.labels is None for s in train_samples):
+        raise InputError("dice_weight > 0 needs a label map for every training image (--labels)")
+
+    network = build_training_network(settings, ndim).to(device)
+    start_epoch, history, best = 0, [], None
+    optimizer_states = None
+    if resume is not None:
+        checkpoint = load_checkpoint(resume, expected_ndim=ndim)
+        if checkpoint.architecture != type(network).__name__ or plain(checkpoint.network.config) != plain(network.config):
+            raise InputError(
+                f"cannot resume from {resume}: it holds {checkpoint.architecture} {plain(checkpoint.network.config)} "
+                f"but the settings build {type(network).__name__} {plain(network.config)}"
+            )
+        network.load_state_dict(checkpoint.network.state_dict())
+        start_epoch = int(checkpoint.extra.get("epoch", 0))
+        history = list(checkpoint.training.get("history", []))
+        best = checkpoint.training.get("best")
+        optimizer_states = checkpoint.extra.get("optimizers")
+    parts = wrap_parallel(network, info, device)
+    groups = {"base": network.base if parts.is_cascade else network}
+    if parts.is_cascade:
+        groups["refine"] = network.refiner
+    optimizers = {name: torch.optim.Adam(module.parameters(), lr=settings.learning_rate) for name, module in groups.items()}
+    if optimizer_states:
+        for name, state in optimizer_states.items():
+            if name in optimizers:
+                optimizers[name].load_state_dict(state)
+
+    train_samples = [_on_device(sample, device) for sample in train_samples]  # sampled every step
+    held_out = bool(val_samples)
+    val_pairs = validation_pairs(
+        list(val_samples) if held_out else list(train_samples),
+        settings.augment,
+        settings.val_pairs_per_image,
+        cross_pairs=settings.val_cross_pairs and held_out,
+        seed=settings.seed + 12345,
+        others=list(train_samples) if settings.val_cross_train else (),
+    )
+    report(
+        {
+            "event": "start",
+            "architecture": type(network).__name__,
+            "parameters": parameter_count(network),
+            "ndim": ndim,
+            "working_shape": list(working_shape),
+            "train_images": len(train_samples),
+            "val_images": len(val_samples or []),
+            "val_pairs": len(val_pairs),
+            "device": describe_device(device),
+            "world_size": info.world_size,
+            "start_epoch": start_epoch,
+            "out": paths["best"],
+        }
+    )
+    total_steps = settings.epochs * settings.steps_per_epoch
+    started = time.perf_counter()
+    for epoch in range(start_epoch, settings.epochs):
+        phase = "refine" if parts.is_cascade and (epoch // settings.alternate_every) % 2 == 1 else "base"
+        optimizer = optimizers[phase]
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch * 1009 + info.rank)
+        sampler = PairSampler(train_samples, settings.augment, generator)
+        network.train()
+        epoch_start = time.perf_counter()
+        sums = dict.fromkeys(_TERMS, 0.0)
+        counts = dict.fromkeys(_TERMS, 0.0)
+        for step in range(settings.steps_per_epoch):
+            batch = sampler.sample(settings.batch_size, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = training_step(parts, batch, settings, phase)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}")
+            loss.backward()
+            if settings.grad_clip > 0:
+                nn.utils.clip_grad_norm_(groups[phase].parameters(), settings.grad_clip)
+            optimizer.step()
+            values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            for key, value in values.items():
+                sums[key] += value
+                counts[key] += 1
+            done = epoch * settings.steps_per_epoch + step + 1
+            report(
+                {
+                    "event": "progress",
+                    "stage": f"epoch {epoch + 1}/{settings.epochs}" + (f" ({phase})" if parts.is_cascade else ""),
+                    "iteration": step + 1,
+                    "iterations": settings.steps_per_epoch,
+                    "fraction": done / total_steps,
+                    **values,
+                }
+            )
+        reduced = _all_reduce_sum([sums[k] for k in _TERMS] + [counts[k] for k in _TERMS], info, device)
+        train_terms = {
+            f"train_{k}": total / count for k, total, count in zip(_TERMS, reduced, reduced[len(_TERMS) :]) if count > 0
+        }
+        metrics = validate(network, val_pairs, settings, info, device)
+        record = {
+            "epoch": epoch + 1,
+            "phase": phase,
+            **train_terms,
+            **metrics,
+            "seconds": round(time.perf_counter() - epoch_start, 2),
+        }
+        history.append(record)
+        improved = _better(metrics, best)
+        if improved:
+            best = {"epoch": epoch + 1, **metrics}
+        training = {
+            "settings": settings.to_dict(),
+            "history": history,
+            "best": best,
+            "train_images": [s.name for s in train_samples],
+            "val_images": [s.name for s in val_samples or []],
+            "val_held_out": held_out,
+            "parameters": parameter_count(network),
+            "world_size": info.world_size,
+            "device": describe_device(device),
+            "torch": torch.__version__,
+        }
+        extra = {"working_shape": working_shape, "normalization": settings.normalization, "training": training}
+        if info.is_main:
+            save_checkpoint(
+                paths["last"],
+                network,
+                {**extra, "epoch": epoch + 1, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}},
+            )
+            if improved:
+                save_checkpoint(paths["best"], network, extra)
+            plot_history(history, paths["curve"])
+        report({"event": "epoch", **record, "best_epoch": best["epoch"], "improved": improved})
+        if info.enabled:
+            dist.barrier()
+    summary = {
+        "best": best,
+        "epochs": settings.epochs,
+        "seconds": round(time.perf_counter() - started, 2),
+        "files": paths,
+        "parameters": parameter_count(network),
+    }
+    report({"event": "done", "summary": summary})
+    return summary
+
+
+def _on_device(sample: Sample, device: torch.device) -> Sample:
+    labels = None if sample.labels is None else sample.labels.to(device)
+    return dataclasses.replace(sample, image=sample.image.to(device), labels=labels)
+
+
+def split_validation(samples: list[Sample], val_count: int | None, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``val_count`` samples (None = 20 % when there are at least 3) chosen by a seeded shuffle."""
+    count = val_count if val_count is not None else (max(1, round(0.2 * len(samples))) if len(samples) >= 3 else 0)
+    if count <= 0:
+        return samples, []
+    if count >= len(samples):
+        raise InputError(f"val_count {count} leaves no training image out of {len(samples)}")
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = [samples[i] for i in sorted(order[:count])]
+    return [samples[i] for i in sorted(order[count:])], val
+
+
+def train_from_files(
+    settings: TrainSettings,
+    images: Sequence[str] | str,
+    out: str | os.PathLike,
+    labels: Sequence[str] | str | None = None,
+    val_images: Sequence[str] | str | None = None,
+    val_labels: Sequence[str] | str | None = None,
+    resume: str | os.PathLike | None = None,
+    callback: Callable[[dict], None] | None = None,
+    info: Distributed | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    """Read images (folders, list files or paths) and :func:`train`."""
+    image_paths = expand_paths(images)
+    if not image_paths:
+        raise InputError("no training images given (--images DIR_OR_LIST)")
+    samples = load_samples(image_paths, expand_paths(labels), settings)
+    ndim = samples[0].image.dim() - 1
+    val = load_samples(expand_paths(val_images), expand_paths(val_labels), settings, ndim) if val_images else []
+    index_labels(samples + val)
+    if not val:
+        samples, val = split_validation(samples, settings.val_count, settings.seed)
+    return train(settings, samples, val, out, resume=resume, callback=callback, info=info, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+
+#: command-line flag -> setting (flags left unset keep the config file's value)
+_FLAG_SETTINGS = (
+    "architecture",
+    "diffeomorphic",
+    "working_shape",
+    "normalization",
+    "similarity",
+    "window",
+    "regularizer",
+    "weight",
+    "jacobian_weight",
+    "dice_weight",
+    "cycle",
+    "refine",
+    "epochs",
+    "steps_per_epoch",
+    "batch_size",
+    "learning_rate",
+    "val_count",
+    "seed",
+    "device",
+)
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"working shape must look like 64,64,64 or 128x128, got {text!r}") from None
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", help="training images: folders, list files (.txt, one path a line) or files")
+    parser.add_argument("--labels", nargs="+", help="label maps, one per training image in the same order (optional)")
+    parser.add_argument("--val-images", nargs="+", help="held-out validation images (default: hold out some training images)")
+    parser.add_argument("--val-labels", nargs="+", help="label maps of the validation images")
+    parser.add_argument("--config", help="JSON (or YAML with PyYAML) file of training settings; flags override it")
+    parser.add_argument("--out", required=True, help="best checkpoint (.pt); <stem>.last.pt and <stem>_curve.png go next to it")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from <stem>.last.pt (or the given checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
+    parser.add_argument("--architecture", choices=["faim", "voxelmorph"])
+    parser.add_argument("--diffeomorphic", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--working-shape", type=_shape, help="e.g. 64,64,64 (3D) or 128,128 (2D)")
+    parser.add_argument("--normalization", choices=choices(Normalization))
+    parser.add_argument("--similarity", choices=choices(Similarity))
+    parser.add_argument("--window", type=int)
+    parser.add_argument("--regularizer", choices=choices(Regularizer))
+    parser.add_argument("--weight", type=float, help="regularizer weight")
+    parser.add_argument("--jacobian-weight", type=float)
+    parser.add_argument("--dice-weight", type=float)
+    parser.add_argument("--cycle", action=argparse.BooleanOptionalAction, default=None, help="cycle-consistent training")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help="alternating refinement module")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--batch-size", type=int, help="pairs per step and process")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--val-count", type=int, help="training images held out for validation")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (per process)")
+    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import ProgressReporter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(args.config) if args.config else {}
+    data_keys = ("images", "labels", "val_images", "val_labels")
+    data = {key: config.pop(key, None) for key in data_keys}
+    for key in data_keys:
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    settings = settings_from_dict(config)
+    for key in _FLAG_SETTINGS:
+        value = getattr(args, key)
+        if value is not None:
+            setattr(settings, key, value)
+    if not data["images"]:
+        raise InputError("no training images: pass --images DIR_OR_LIST or put \"images\" in the config")
+    paths = output_paths(args.out)
+    resume = None
+    if args.resume:
+        resume = paths["last"] if args.resume == "auto" else args.resume
+        if not os.path.isfile(resume):
+            raise InputError(f"cannot resume: {resume} does not exist")
+    elif os.path.exists(paths["best"]) and not args.overwrite:
+        raise InputError(f"{paths['best']} already exists; pass --overwrite to replace it or --resume to continue")
+    info, device = init_distributed(settings.device)
+    report = ProgressReporter(args.progress if info.is_main else "none")
+    try:
+        summary = train_from_files(
+            settings,
+            data["images"],
+            args.out,
+            labels=data["labels"],
+            val_images=data["val_images"],
+            val_labels=data["val_labels"],
+            resume=resume,
+            callback=report,
+            info=info,
+            device=device,
+        )
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+    if not report.jsonl and args.progress != "none" and info.is_main:
+        best = summary["best"] or {}
+        dice = best.get("val_dice")
+        print(
+            f"trained {summary['epochs']} epochs in {summary['seconds']:.0f} s; best epoch {best.get('epoch')}: "
+            f"validation loss {best.get('val_loss', math.nan):.4f}"
+            + (f", Dice {dice:.3f}" if dice is not None else "")
+            + f"; weights in {paths['best']}",
+            file=sys.stderr,
+        )
+    return 0
