@@ -83,7 +83,7 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--similarity", default=Similarity.LNCC.value, choices=choices(Similarity))
     parser.add_argument("--regularizer", default=Regularizer.DIFFUSION.value, choices=choices(Regularizer))
     parser.add_argument("--weight", type=float, default=1.0, help="regularizer weight (default 1.0)")
-    parser.add_argument("--jacobian-weight", type=float, default=0.0, help="extra negative-Jacobian penalty weight")
+    parser.add_argument("--jacobian-weight", type=float, default=1.0, help="weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off")
     parser.add_argument("--window", type=int, default=9, help="LNCC window, voxels (odd)")
     parser.add_argument("--levels", type=int, default=3, help="pyramid levels")
     parser.add_argument("--iterations", type=_iterations, default=None, help="per level, coarse to fine: N or N1,N2,N3")
@@ -121,10 +121,8 @@ def _run_register(args: argparse.Namespace) -> int:
     )
     fixed = im.read_image(args.fixed, "fixed image")
     moving = im.read_image(args.moving, "moving image")
-    labels = im.read_image(args.moving_labels, "moving labels") if args.moving_labels else None
-    mask = None
-    if args.fixed_mask:
-        mask = im.read_image(args.fixed_mask, "fixed mask")
+    labels = im.read_image(args.moving_labels, "moving labels", allow_constant=True) if args.moving_labels else None
+    mask = im.read_image(args.fixed_mask, "fixed mask", allow_constant=True) if args.fixed_mask else None
     settings = RegistrationSettings(
         mode=args.mode,
         optimization=OptimizationSettings(
@@ -183,10 +181,9 @@ def _run_apply(args: argparse.Namespace) -> int:
     if out in {os.path.abspath(p) for p in (args.displacement, args.image, args.reference) if p}:
         raise InputError(f"output {out} is one of the inputs; choose another output file")
     field = im.read_displacement(args.displacement)
-    image = im.read_image(args.image, "image")
-    reference = im.read_image(args.reference, "reference image") if args.reference else None
-    if Interpolation(args.interpolation) is Interpolation.NEAREST:
-        im.check_image(image, "image", allow_constant=True)
+    labels = Interpolation(args.interpolation) is Interpolation.NEAREST  # a mask may hold one label
+    image = im.read_image(args.image, "image", allow_constant=labels)
+    reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
     warped = im.apply_displacement(image, field, reference, args.interpolation)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     im.write_image(warped, out)
@@ -221,10 +218,12 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, handle_signals: bool = False) -> int:
+    """Run one command; returns the exit code.  ``handle_signals`` (programs only, main
+    thread) turns SIGTERM into a clean cancel, as Ctrl-C is."""
     parser, runners = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(signal, "SIGTERM"):
+    if handle_signals and hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     progress_jsonl = getattr(args, "progress", "none") in ("auto", "jsonl")
 
@@ -248,5 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_INPUT, str(error))
 
 
+def console_main() -> int:
+    """Entry point of the ``cnnreg`` program and of ``python -m cnnreg``."""
+    return main(handle_signals=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

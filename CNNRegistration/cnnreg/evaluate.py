@@ -39,7 +39,9 @@ def _label_array(labels, name: str) -> np.ndarray:
     """Label map (array or scalar image) -> integer array in SimpleITK array order."""
     if isinstance(labels, sitk.Image):
         if labels.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError(f"{name} must be a scalar label map, got {labels.GetNumberOfComponentsPerPixel()} components")
+            raise InputError(
+                f"{name} must be a scalar label map, got {labels.GetNumberOfComponentsPerPixel()} components"
+            )
         array = sitk.GetArrayFromImage(labels)
     else:
         array = np.asarray(labels)
@@ -69,8 +71,10 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def _describe_grid(image: sitk.Image) -> str:
-    return f"size {image.GetSize()}, spacing {tuple(round(s, 6) for s in image.GetSpacing())}, origin " \
+    return (
+        f"size {image.GetSize()}, spacing {tuple(round(s, 6) for s in image.GetSpacing())}, origin "
         f"{tuple(round(o, 4) for o in image.GetOrigin())}"
+    )
 
 
 def _check_label_pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,17 +166,23 @@ def dice_per_label(fixed_labels, warped_labels, labels: Iterable[int] | None = N
     return result
 
 
-def _label_arrays_and_spacing(a, b, spacing: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def _label_arrays_and_spacing(
+    a, b, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Both label maps as arrays (checked as in :func:`dice_per_label`) and the spacing ``(s_i, s_j[, s_k])``."""
     images = [x for x in (a, b) if isinstance(x, sitk.Image)]
     array_a, array_b = _check_label_pair(a, b, "first label map", "second label map")
     if spacing is None:
         if not images:
-            raise InputError("label maps given as numpy arrays need spacing in mm as (s_i, s_j[, s_k]) (SimpleITK order)")
+            raise InputError(
+                "label maps given as numpy arrays need spacing in mm as (s_i, s_j[, s_k]) (SimpleITK order)"
+            )
         spacing = images[0].GetSpacing()
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != array_a.ndim:
-        raise InputError(f"spacing {spacing} has {len(spacing)} values but the label maps are {array_a.ndim}D {array_a.shape}")
+        raise InputError(
+            f"spacing {spacing} has {len(spacing)} values but the label maps are {array_a.ndim}D {array_a.shape}"
+        )
     if any(not s > 0 for s in spacing):
         raise InputError(f"spacing must be positive, got {spacing}")
     for image in images:
@@ -198,7 +208,9 @@ def surface_distances(
     """
     union = np.logical_or(mask_a, mask_b)
     # every surface voxel of A and B lies in the union's bounding box: crop, then pad by one
-    bounds = [np.flatnonzero(union.any(axis=tuple(x for x in range(union.ndim) if x != axis))) for axis in range(union.ndim)]
+    bounds = [
+        np.flatnonzero(union.any(axis=tuple(x for x in range(union.ndim) if x != axis))) for axis in range(union.ndim)
+    ]
     window = tuple(slice(int(b[0]), int(b[-1]) + 1) for b in bounds)
     surfaces = []
     distances = []
@@ -271,7 +283,9 @@ def _mask_array(mask, reference: sitk.Image) -> np.ndarray:
     shape = sitk.GetArrayViewFromImage(reference).shape[: reference.GetDimension()]
     if isinstance(mask, sitk.Image):
         if not _same_grid(mask, reference):
-            raise InputError(f"mask is not on the field grid: mask {_describe_grid(mask)} vs field {_describe_grid(reference)}")
+            raise InputError(
+                f"mask is not on the field grid: mask {_describe_grid(mask)} vs field {_describe_grid(reference)}"
+            )
         array = sitk.GetArrayFromImage(mask)
     else:
         array = np.asarray(mask)
@@ -347,7 +361,9 @@ def jacobian_determinant(field: sitk.Image) -> np.ndarray:
     d = sitk.GetArrayFromImage(field).astype(np.float64)  # (*S, dim) vectors (x, y, z)
     spatial = d.shape[:-1]
     if min(spatial) < 2:
-        raise InputError(f"displacement field grid {field.GetSize()} is too small for derivatives (needs >= 2 per axis)")
+        raise InputError(
+            f"displacement field grid {field.GetSize()} is too small for derivatives (needs >= 2 per axis)"
+        )
     # gradient along array axes (k, j, i) -> reorder to index axes (i, j, k)
     gradients = np.gradient(d, axis=tuple(range(dim)))
     du_didx = np.stack(gradients[::-1], axis=-1)  # (*S, component, index axis i/j/k)

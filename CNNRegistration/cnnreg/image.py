@@ -20,11 +20,12 @@ from .spatial import lps_to_voxel, voxel_to_lps
 GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
 
 
-def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
+def read_image(path: str | os.PathLike, role: str = "image", allow_constant: bool = False) -> sitk.Image:
     """Read a scalar 2D/3D image with any format SimpleITK knows; check it is usable.
 
     Raises InputError for: missing/unreadable file, vector or 4D image, NaN/Inf values,
-    an empty image, or a constant image.
+    an empty image, a 1D profile, or a constant image (unless ``allow_constant``, e.g. a
+    single-label mask).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -34,7 +35,7 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
-    check_image(image, f"{role} {path}")
+    check_image(image, f"{role} {path}", allow_constant=allow_constant)
     return image
 
 
@@ -49,6 +50,8 @@ def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> N
         raise InputError(f"{name} is {image.GetDimension()}D with size {image.GetSize()}; only 2D and 3D images are supported")
     if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
         raise InputError(f"{name} is empty (size {image.GetSize()})")
+    if sum(n > 1 for n in image.GetSize()) < 2:
+        raise InputError(f"{name} has size {image.GetSize()}: fewer than two axes longer than one voxel; a 2D or 3D image is needed")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
@@ -235,7 +238,9 @@ def displacement_image(u: np.ndarray, fixed: sitk.Image, pre_transform: sitk.Tra
         matrix, offset = _affine_matrix(pre_transform, dim)
         points = physical_points(fixed)
         d = (points + d) @ matrix.T + offset - points
-    field = sitk.GetImageFromArray(d.astype(np.float64), isVector=True)
+    # rounded to float32, the precision of the written file, so that warped images made from
+    # this field and from the file agree exactly
+    field = sitk.GetImageFromArray(d.astype(np.float32).astype(np.float64), isVector=True)
     field.CopyInformation(fixed)
     return field
 

@@ -27,18 +27,25 @@ def _weighted_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Local mean over a ``window``-wide box (odd) around every voxel, outside voxels counted
-    as zeros (as a zero-padded convolution would).  Separable running sums (cumulative sums),
-    so the cost does not grow with the window.  ``x``: ``(N, C, *S)`` -> same shape."""
+    """Local mean over a ``window``-wide box (odd) around every voxel, taken over the voxels
+    inside the image only (near the border the box is clipped, not zero-padded).  Separable:
+    one 1D box sum per axis (zero-padded convolution), divided by the in-image voxel count.
+    ``x``: ``(N, C, *S)`` -> same shape."""
     ndim = x.dim() - 2
+    conv = F.conv3d if ndim == 3 else F.conv2d
     radius = window // 2
-    for axis in range(2, ndim + 2):
-        size = x.shape[axis]
-        pad = [0, 0] * ndim
-        pad[2 * (ndim + 1 - axis)] = radius + 1
-        pad[2 * (ndim + 1 - axis) + 1] = radius
-        running = F.pad(x, pad).cumsum(axis)
-        x = (running.narrow(axis, window, size) - running.narrow(axis, 0, size)) / window
+    channels = x.shape[1]
+    for axis in range(ndim):
+        size = x.shape[2 + axis]
+        kernel = [1] * ndim
+        padding = [0] * ndim
+        kernel[axis], padding[axis] = window, radius
+        weight = x.new_ones((channels, 1, *kernel))
+        index = torch.arange(size, device=x.device)
+        count = torch.clamp(index + radius, max=size - 1) - torch.clamp(index - radius, min=0) + 1
+        shape = [1] * x.dim()
+        shape[2 + axis] = size
+        x = conv(x, weight, padding=padding, groups=channels) / count.to(x.dtype).view(shape)
     return x
 
 
@@ -47,17 +54,20 @@ def lncc_similarity(
 ) -> torch.Tensor:
     """Local normalised cross-correlation, squared (VoxelMorph/FAIM form), averaged over voxels.
 
-    ``cc(x) = cov(x)^2 / (var_f(x) var_w(x) + eps)`` in a ``window``-wide box around ``x``
-    (``window`` voxels per axis, odd).  Range [0, 1]; 1 = locally linearly related.
+    ``cc(x) = cov(x)^2 / (var_f(x) var_w(x) + eps')`` over a ``window``-wide box around ``x``
+    (``window`` voxels per axis, odd), with ``eps`` stated, as in those methods, for window
+    *sums*: ``eps' = eps / window^(2 ndim)`` for the window means used here (a larger value
+    would mute low-contrast texture).  Range [0, 1]; 1 = locally linearly related.
     """
     if window < 1 or window % 2 == 0:
         raise InputError(f"LNCC window must be a positive odd number of voxels, got {window}")
+    ndim = fixed.dim() - 2
     stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = box_filter(stacked, window).split(1, dim=1)
     covariance = mean_fw - mean_f * mean_w
     variance_f = (mean_ff - mean_f * mean_f).clamp_min(0)
     variance_w = (mean_ww - mean_w * mean_w).clamp_min(0)
-    cc = covariance * covariance / (variance_f * variance_w + eps)
+    cc = covariance * covariance / (variance_f * variance_w + eps / window ** (2 * ndim))
     return _weighted_mean(cc, mask)
 
 
@@ -185,4 +195,5 @@ def similarity_loss(
 
 def similarity_options(name: Similarity | str, window: int) -> dict:
     """Keyword options a measure understands from the generic settings (the LNCC window)."""
+    _measure(name)  # InputError for unknown names
     return {"window": window} if Similarity(name) is Similarity.LNCC else {}

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .conventions import Regularizer, Similarity
-from .errors import CancelledError
+from .errors import CancelledError, InputError
 from .losses import similarity_loss, similarity_options
 from .networks import UNet
 from .regularizers import negative_jacobian, regularization
@@ -39,7 +39,8 @@ class OptimizationSettings:
 
     Attributes:
         similarity, regularizer, weight: loss = similarity loss + weight x regularizer.
-        jacobian_weight: extra weight of the negative-Jacobian penalty (FAIM), 0 = off.
+        jacobian_weight: weight of the negative-Jacobian penalty mean(max(0, -det J)) (FAIM),
+            added on top of the regularizer to discourage folding; 0 = off.
         window: LNCC window in voxels (odd).
         levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
         iterations: iterations per level, coarse to fine (one number = every level).
@@ -59,13 +60,14 @@ class OptimizationSettings:
     similarity: Similarity | str = Similarity.LNCC
     regularizer: Regularizer | str = Regularizer.DIFFUSION
     weight: float = 1.0
-    jacobian_weight: float = 0.0
+    jacobian_weight: float = 1.0
     window: int = 9
     levels: int = 3
     iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
     learning_rate: float | None = None
     field_smoothing: float = 1.0
     final_learning_rate: float = 0.1
+    optimizer: str = "global-adam"
     patience: int = 20
     tolerance: float = 1e-4
     features: int = 24
@@ -99,6 +101,61 @@ def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
         return tuple(shape)
     factor = (max_voxels / voxels) ** (1.0 / len(shape))
     return tuple(max(2, int(n * factor)) for n in shape)
+
+
+class GlobalAdam(torch.optim.Optimizer):
+    """Adam with one second-moment estimate per parameter tensor instead of per element.
+
+    Per-element Adam gives every voxel of a dense field a step of about ``lr``, however weak
+    its evidence, which turns textureless regions into noise; normalising by the tensor's
+    gradient RMS keeps steps proportional to the local gradient (as demons-type methods do),
+    so ``lr`` is the step, in voxels, of a voxel with an RMS-sized gradient.
+    """
+
+    def __init__(self, params, lr: float = 0.5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["momentum"] = torch.zeros_like(p)
+                    state["square"] = p.new_zeros(())
+                state["step"] += 1
+                state["momentum"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["square"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
+                momentum = state["momentum"] / (1 - beta1 ** state["step"])
+                square = state["square"] / (1 - beta2 ** state["step"])
+                p.sub_(group["lr"] * momentum / (square.sqrt() + group["eps"]))
+
+
+class GreedyFluid(torch.optim.Optimizer):
+    """Demons/SyN-style greedy steps: the gradient is Gaussian-smoothed (``sigma`` voxels, a
+    fluid-like regularisation of each update) and scaled so that the largest step of any
+    voxel is ``lr`` voxels.  Use with a small or zero penalty on the total field."""
+
+    def __init__(self, params, lr: float = 0.25, sigma: float = 3.0):
+        super().__init__(params, dict(lr=lr, sigma=sigma))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                direction = gaussian_smooth(p.grad, group["sigma"]) if group["sigma"] > 0 else p.grad
+                largest = direction.norm(dim=1).max().clamp_min(1e-12)
+                p.sub_(group["lr"] * direction / largest)
+
+
+#: optimisers of a dense field (the phantom CNN's weights always use Adam)
+OPTIMIZERS = {"global-adam": GlobalAdam, "adam": torch.optim.Adam, "greedy": GreedyFluid}
 
 
 class DenseField(nn.Module):
@@ -196,7 +253,12 @@ def run_pyramid(
         base = resize_field(u, shape)
         model = make_model(base)
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        if isinstance(model, DenseField) and settings.optimizer == "greedy":
+            optimizer = GreedyFluid(model.parameters(), lr=learning_rate, sigma=settings.field_smoothing)
+        elif isinstance(model, DenseField):
+            optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=learning_rate)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(_cosine_decay, steps=level_iterations, final=settings.final_learning_rate)
         )
@@ -206,7 +268,7 @@ def run_pyramid(
             u_level = model(fixed_level, moving_level)
             total, sim, reg = _loss_terms(settings, fixed_level, moving_level, u_level, mask_level)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"the loss became {float(total)} at level {level + 1}, iteration {iteration + 1}")
+                raise FloatingPointError(f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}")
             total.backward()
             optimizer.step()
             schedule.step()
@@ -259,7 +321,8 @@ def optimize_field(
     return run_pyramid(
         fixed,
         moving,
-        lambda base: DenseField(base, settings.field_smoothing),
+        # greedy steps smooth each update inside the optimiser, not the accumulated field
+        lambda base: DenseField(base, 0.0 if settings.optimizer == "greedy" else settings.field_smoothing),
         settings,
         shapes,
         initial=initial,
@@ -283,9 +346,16 @@ def optimize_cnn(
     voxels; the resulting field is upsampled to the fixed grid.  Returns ``u`` ``(1, ndim, *S)``.
     """
     ndim = fixed.dim() - 2
-    working = capped_shape(fixed.shape[2:], settings.max_cnn_voxels)
-    shapes = pyramid_shapes(working, settings.levels)
     network = UNet(ndim=ndim, features=settings.features).to(device=fixed.device, dtype=fixed.dtype)
+    smallest = 2 ** network.config["depth"] + 1
+    working = capped_shape(fixed.shape[2:], settings.max_cnn_voxels)
+    if min(working) < smallest:
+        raise InputError(
+            f"phantom mode needs at least {smallest} voxels along every axis of its working grid, got "
+            f"{working} (image {tuple(fixed.shape[2:])}, max_cnn_voxels {settings.max_cnn_voxels}); "
+            "use instance mode for such small images or raise --max-cnn-voxels"
+        )
+    shapes = [s for s in pyramid_shapes(working, settings.levels) if min(s) >= smallest] or [working]
     u = run_pyramid(
         fixed,
         moving,

@@ -26,12 +26,12 @@ import SimpleITK as sitk
 import torch
 
 from . import image as im
-from .conventions import Interpolation, Mode, Normalization, choices
+from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import InputError
 from .jacobian import jacobian_determinant, jacobian_summary
 from .losses import similarity_options, similarity_value
-from .optimize import OptimizationSettings, ProgressCallback, optimize_cnn, optimize_field
+from .optimize import OPTIMIZERS, OptimizationSettings, ProgressCallback, optimize_cnn, optimize_field
 from .spatial import warp
 
 OUTPUT_FILES = {
@@ -58,15 +58,25 @@ class RegistrationSettings:
     refine_iterations: int = 50  # learned-refine: dense-field iterations after the prediction
 
     def validate(self) -> None:
+        opt = self.optimization
         for value, enum_type, what in (
             (self.mode, Mode, "mode"),
             (self.normalization, Normalization, "normalization"),
+            (opt.similarity, Similarity, "similarity"),
+            (opt.regularizer, Regularizer, "regularizer"),
         ):
             try:
                 enum_type(value)
             except ValueError:
                 raise InputError(f"unknown {what} {value!r}; choose one of {choices(enum_type)}") from None
-        opt = self.optimization
+        if opt.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {opt.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if opt.learning_rate is not None and not opt.learning_rate > 0:
+            raise InputError(f"learning rate must be > 0, got {opt.learning_rate}")
+        if opt.features < 1:
+            raise InputError(f"the phantom-mode U-Net needs at least 1 feature, got {opt.features}")
+        if opt.window < 1 or opt.window % 2 == 0:
+            raise InputError(f"LNCC window must be a positive odd number of voxels, got {opt.window}")
         if opt.weight < 0 or opt.jacobian_weight < 0:
             raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
         iterations = [opt.iterations] if isinstance(opt.iterations, int) else list(opt.iterations)
@@ -114,6 +124,17 @@ def _estimate_field(
         refine = OptimizationSettings(**{**asdict(opt), "iterations": settings.refine_iterations})
         u = optimize_field(fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=1, stage="refine ")
     return u
+
+
+def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
+    """Iterations the mode runs: per level (phantom, instance), refinement steps, or 0 (learned)."""
+    mode = Mode(settings.mode)
+    if mode is Mode.LEARNED:
+        return 0
+    if mode is Mode.LEARNED_REFINE:
+        return settings.refine_iterations
+    iterations = settings.optimization.iterations
+    return iterations if isinstance(iterations, int) else list(iterations)
 
 
 def register(
@@ -193,7 +214,7 @@ def register(
         "weight": opt.weight,
         "jacobian_weight": opt.jacobian_weight,
         "levels": opt.levels,
-        "iterations": opt.iterations if isinstance(opt.iterations, int) else list(opt.iterations),
+        "iterations": _iterations_run(settings),
         "device": describe_device(device),
         "seed": settings.seed,
         "affine": settings.affine,

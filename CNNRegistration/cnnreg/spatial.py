@@ -58,7 +58,8 @@ def warp(
         padding: ``"border"`` (repeat edge), ``"zeros"`` or ``"reflection"`` outside the image.
 
     Returns:
-        ``(N, C, *S)`` warped image, same dtype as ``image``.
+        ``(N, C, *S)`` warped image, same dtype as ``image``; ``u == 0`` (not requiring a
+        gradient) returns an exact copy.
     """
     ndim = _check_field(u)
     if image.dim() != ndim + 2:
@@ -66,6 +67,8 @@ def warp(
     mode = {"linear": "bilinear", "nearest": "nearest"}.get(interpolation)
     if mode is None:
         raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear' or 'nearest'")
+    if not u.requires_grad and image.shape[2:] == u.shape[2:] and not bool(u.any()):
+        return image.clone()  # the identity, exactly (grid_sample's float rounding would blur it)
     coords = identity_grid(u.shape[2:], device=u.device, dtype=u.dtype) + u
     grid = _voxel_to_normalized(coords, image.shape[2:])
     if grid.shape[0] != image.shape[0]:

@@ -1,0 +1,375 @@
+"""``python -m cnnreg register|apply``: outputs, progress lines, exit codes, no partial output.
+
+One real subprocess run (the command a user and the Slicer module run); everything else calls
+``cnnreg.cli.main([...])`` in-process, which returns the same exit code ``__main__`` exits with.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cnnreg.cli import EXIT_DEVICE, EXIT_INPUT, main
+from cnnreg.registration import OUTPUT_FILES
+
+SUMMARY_KEYS = {
+    "mode",
+    "similarity",
+    "regularizer",
+    "weight",
+    "jacobian_weight",
+    "levels",
+    "iterations",
+    "device",
+    "seed",
+    "affine",
+    "normalization",
+    "seconds",
+    "similarity_before",
+    "similarity_after",
+    "fixed_size",
+    "fixed_spacing",
+    "folding_fraction",
+    "folding_percent",
+    "min_jacobian",
+    "max_jacobian",
+    "sdlogj",
+    "files",
+}
+FAST = ["--device", "cpu", "--levels", "1", "--iterations", "4", "--features", "4", "--threads", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigterm(keep_sigterm_handler):
+    """main() installs a SIGTERM handler; give pytest its own back after each test."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, synth):
+    """Small 3D pair on an anisotropic, off-origin grid, labels on the moving grid, plus bad inputs."""
+    folder = tmp_path_factory.mktemp("inputs")
+    geometry = dict(spacing=(1.1, 0.9, 1.6), origin=(-10.0, 5.0, 2.5))
+    fixed_array = synth.blob_array((16, 20, 18), seed=8)
+    moving_array = np.roll(fixed_array, (1, -1, 2), axis=(0, 1, 2))
+    labels_array = (moving_array > 0.3 * moving_array.max()).astype(np.uint8) + (
+        moving_array > 0.6 * moving_array.max()
+    ).astype(np.uint8)
+    paths = {}
+
+    def save(name, image):
+        paths[name] = str(folder / name)
+        sitk.WriteImage(image, paths[name])
+
+    save("fixed.nii.gz", synth.make_image(fixed_array, **geometry))
+    save("moving.nii.gz", synth.make_image(moving_array, **geometry))
+    save("labels.nii.gz", synth.make_image(labels_array, **geometry))
+    nan_array = moving_array.copy()
+    nan_array[3, 4, 5] = np.nan
+    save("nan.nrrd", synth.make_image(nan_array, **geometry))
+    save("constant.nii.gz", synth.make_image(np.full_like(moving_array, 0.5), **geometry))
+    save("slice2d.nii.gz", synth.make_image(fixed_array[8]))
+    save("labels_elsewhere.nii.gz", synth.make_image(labels_array[:, :, :-2], **geometry))
+    (folder / "garbage.nii.gz").write_bytes(b"not an image at all" * 40)
+    paths["garbage.nii.gz"] = str(folder / "garbage.nii.gz")
+    paths["folder"] = folder
+    return paths
+
+
+def _register_args(inputs, out, *extra, moving="moving.nii.gz", fixed="fixed.nii.gz", labels="labels.nii.gz"):
+    args = ["register", "--fixed", inputs[fixed], "--moving", inputs[moving], "--out", str(out)]
+    if labels:
+        args += ["--moving-labels", inputs[labels]]
+    return args + list(extra)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def cli_run(inputs, tmp_path_factory, subprocess_env):
+    """``python -m cnnreg register`` in a subprocess (phantom mode, tiny schedule)."""
+    out = tmp_path_factory.mktemp("runs") / "result"
+    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, *FAST)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300)
+    return dict(out=out, completed=completed)
+
+
+# --------------------------------------------------------------------------------------
+# register: a successful run
+# --------------------------------------------------------------------------------------
+
+
+def test_register_writes_all_six_outputs(cli_run):
+    completed = cli_run["completed"]
+    assert completed.returncode == 0, completed.stderr
+    out = cli_run["out"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES.values())
+    for name in ("warped.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz"):
+        image = sitk.ReadImage(str(out / name))
+        assert image.GetSize() == (18, 20, 16)
+        np.testing.assert_allclose(image.GetSpacing(), (1.1, 0.9, 1.6), rtol=1e-6)
+        np.testing.assert_allclose(image.GetOrigin(), (-10.0, 5.0, 2.5), atol=1e-5)
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetSize() == (18, 20, 16)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert (out / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_register_summary_json(cli_run):
+    summary = json.loads((cli_run["out"] / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["mode"] == "phantom" and summary["similarity"] == "lncc" and summary["regularizer"] == "diffusion"
+    assert summary["iterations"] == 4 and summary["levels"] == 1 and summary["seed"] == 0
+    assert summary["device"].startswith("cpu")
+    assert summary["files"] == {k: v for k, v in OUTPUT_FILES.items()}
+    assert 0.0 <= summary["folding_fraction"] <= 1.0
+    assert summary["folding_percent"] == pytest.approx(100 * summary["folding_fraction"])
+    assert summary["min_jacobian"] <= summary["max_jacobian"]
+    assert summary["fixed_size"] == [18, 20, 16]
+
+
+def test_register_progress_lines(cli_run):
+    lines = [line for line in cli_run["completed"].stdout.splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["iteration"] for e in progress] == [1, 2, 3, 4]
+    assert progress[-1]["fraction"] == pytest.approx(1.0)
+    for event in progress:
+        assert {"stage", "iterations", "loss", "similarity_loss", "regularization"} <= set(event)
+    done = events[-1]
+    assert done["summary"]["mode"] == "phantom"
+    assert set(done["files"]) == set(OUTPUT_FILES)
+
+
+def test_second_run_without_overwrite_is_refused_and_leaves_files_untouched(cli_run, inputs, capsys):
+    out = cli_run["out"]
+    before = _snapshot(out)
+    code = main(_register_args(inputs, out, *FAST))
+    captured = capsys.readouterr()
+    assert code == EXIT_INPUT == 2
+    assert str(out) in captured.err and "--overwrite" in captured.err
+    error = json.loads(captured.out.strip().splitlines()[-1])
+    assert error["event"] == "error" and error["exit_code"] == 2 and str(out) in error["message"]
+    assert _snapshot(out) == before
+
+
+def test_overwrite_replaces_the_results(inputs, tmp_path, capsys):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier run")
+    code = main(
+        _register_args(inputs, out, "--overwrite", "--mode", "instance", "--no-qc", "--progress", "none", *FAST)
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out == ""  # --progress none: no JSON lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "instance"
+    assert not (out / "qc.png").exists() and "qc" not in summary["files"]
+    assert (out / "old.txt").exists()  # other files in the folder are left alone
+
+
+# --------------------------------------------------------------------------------------
+# register: bad input -> non-zero exit, a clear message, no output folder
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"fixed": "missing.nii.gz"}, "fixed image file not found"),
+        ({"moving": "garbage.nii.gz"}, "cannot read moving image file"),
+        ({"moving": "nan.nrrd"}, "NaN or infinite"),
+        ({"moving": "constant.nii.gz"}, "is constant"),
+        ({"fixed": "slice2d.nii.gz"}, "both must be 2D or both 3D"),
+        ({"labels": "labels_elsewhere.nii.gz"}, "not on the moving image grid"),
+    ],
+    ids=["missing", "garbage", "nan", "constant", "2d-vs-3d", "labels-off-grid"],
+)
+def test_bad_input_exits_2_with_a_message_and_no_output(inputs, tmp_path, capsys, arguments, message):
+    paths = dict(inputs)
+    paths["missing.nii.gz"] = str(inputs["folder"] / "missing.nii.gz")
+    out = tmp_path / "never"
+    code = main(_register_args(paths, out, *FAST, **arguments))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("cnnreg register: error: ") and message in captured.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--similarity", "ncc"),
+        ("--mode", "magic"),
+        ("--regularizer", "l3"),
+        ("--normalization", "zscore"),
+        ("--iterations", "10,x"),
+    ],
+)
+def test_unknown_option_values_are_rejected_by_the_parser(inputs, tmp_path, capsys, option, value):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_register_args(inputs, out, option, value))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and value in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_a_gpu_exits_3(inputs, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(_register_args(inputs, out, "--device", "cuda", "--iterations", "1"))
+    assert code == EXIT_DEVICE == 3
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_learned_mode_without_weights_is_a_clear_input_error(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CNNREG_MODELS_DIR", str(tmp_path / "no_models"))
+    out = tmp_path / "never"
+    code = main(_register_args(inputs, out, "--mode", "learned", "--device", "cpu"))
+    assert code == 2
+    assert "no shipped 3D weights" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_zero_features_is_a_clear_input_error(inputs, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(_register_args(inputs, out, *FAST, "--features", "0")) == 2
+    assert not out.exists()
+
+
+def test_bad_input_in_a_real_process(inputs, tmp_path, subprocess_env):
+    out = tmp_path / "never"
+    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, moving="constant.nii.gz")]
+    completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert completed.returncode == 2
+    assert "is constant" in completed.stderr and "Traceback" not in completed.stderr
+    assert json.loads(completed.stdout.strip().splitlines()[-1])["event"] == "error"
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# apply
+# --------------------------------------------------------------------------------------
+
+
+def test_apply_nearest_reproduces_warped_labels_exactly(cli_run, inputs, tmp_path, capsys):
+    out = cli_run["out"]
+    applied = tmp_path / "labels_applied.nii.gz"
+    code = main(
+        [
+            "apply",
+            "--displacement", str(out / "displacement.nii.gz"),
+            "--image", inputs["labels.nii.gz"],
+            "--interpolation", "nearest",
+            "--out", str(applied),
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    ours = sitk.ReadImage(str(applied))
+    reference = sitk.ReadImage(str(out / "warped_labels.nii.gz"))
+    assert ours.GetPixelID() == reference.GetPixelID()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference))
+    assert ours.GetOrigin() == reference.GetOrigin() and ours.GetDirection() == reference.GetDirection()
+
+
+def test_apply_linear_reproduces_warped_image(cli_run, inputs, tmp_path):
+    out = cli_run["out"]
+    applied = tmp_path / "moving_applied.nii.gz"
+    args = ["apply", "--displacement", str(out / "displacement.nii.gz"), "--image", inputs["moving.nii.gz"]]
+    assert main([*args, "--reference", inputs["fixed.nii.gz"], "--out", str(applied)]) == 0
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(applied))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))),
+        atol=1e-5,
+    )
+
+
+def test_apply_refuses_to_overwrite(cli_run, inputs, tmp_path, capsys):
+    out = cli_run["out"]
+    target = tmp_path / "applied.nii.gz"
+    args = ["apply", "--displacement", str(out / "displacement.nii.gz"), "--image", inputs["labels.nii.gz"]]
+    args += ["--interpolation", "nearest", "--out", str(target)]
+    assert main(args) == 0
+    before = (target.stat().st_mtime_ns, target.read_bytes())
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "--overwrite" in err
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_apply_refuses_to_write_over_an_input(cli_run, inputs, capsys):
+    field = str(cli_run["out"] / "displacement.nii.gz")
+    before = Path(field).read_bytes()
+    code = main(["apply", "--displacement", field, "--image", inputs["moving.nii.gz"], "--out", field, "--overwrite"])
+    assert code == 2 and "one of the inputs" in capsys.readouterr().err
+    assert Path(field).read_bytes() == before
+
+
+def test_apply_bad_inputs(cli_run, inputs, tmp_path, capsys):
+    target = tmp_path / "x.nii.gz"
+    code = main(
+        ["apply", "--displacement", inputs["moving.nii.gz"], "--image", inputs["moving.nii.gz"], "--out", str(target)]
+    )
+    assert code == 2 and "not a displacement field" in capsys.readouterr().err
+    field = str(cli_run["out"] / "displacement.nii.gz")
+    code = main(["apply", "--displacement", field, "--image", inputs["slice2d.nii.gz"], "--out", str(target)])
+    assert code == 2 and "2D but the displacement field is 3D" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_apply_nearest_accepts_a_single_label_mask(cli_run, synth, tmp_path, capsys):
+    mask = synth.make_image(np.ones((16, 20, 18), np.uint8), spacing=(1.1, 0.9, 1.6), origin=(-10.0, 5.0, 2.5))
+    mask_path = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(mask, str(mask_path))
+    field = str(cli_run["out"] / "displacement.nii.gz")
+    code = main(
+        [
+            "apply",
+            "--displacement",
+            field,
+            "--image",
+            str(mask_path),
+            "--interpolation",
+            "nearest",
+            "--out",
+            str(tmp_path / "o.nii.gz"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "register" in text and "apply" in text
+
+
+def test_cli_does_not_import_slicer_vtk_or_qt(subprocess_env):
+    code = (
+        "import sys, cnnreg.cli, cnnreg.registration, cnnreg.qc\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('slicer', 'vtk', 'qt', 'ctk', 'PythonQt')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env, timeout=120
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr

@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""Benchmark: our registration configurations vs SimpleITK demons, ANTs SyN and elastix,
+on the same prepared cases, in the same run.
+
+    scripts/benchmark                                   # mni2mm, every method
+    scripts/benchmark --cases mni2mm,itk_t1,2d --quick  # smoke test (few iterations)
+    scripts/benchmark --methods demons,phantom-lncc     # a subset
+    scripts/benchmark --rerun-peers                     # ignore cached peer results
+
+Steps: install missing peers (pip), prepare the cases (``scripts/prepare_cases.py``, seeded,
+into ``benchmark/cases/``), run every method in its own child process with the same thread
+budget (``scripts/peers.py``), evaluate with :mod:`cnnreg.evaluate` (Dice per structure and
+mean, HD95, folding %, TRE against the known field, wall time, peak memory) and write
+``benchmark/results.md`` (tables + time/memory ratios of each of our configurations vs each
+peer), ``benchmark/results.json``, ``benchmark/results.csv`` and ``benchmark/qc_<case>.png``.
+
+Peer results are cached per case, seed and quick flag in ``benchmark/cache/`` (ANTs SyN takes
+minutes on 2 cores); our configurations always run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+sys.path.insert(0, str(SCRIPTS))
+try:
+    import cnnreg  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "CNNRegistration"))
+
+import peers  # noqa: E402
+import prepare_cases  # noqa: E402
+
+from cnnreg import evaluate  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# What to run.  Our configurations: name -> `cnnreg register` arguments (besides the files).
+# ---------------------------------------------------------------------------------------
+OUR_CONFIGS: dict[str, list[str]] = {
+    "instance-lncc": ["--mode", "instance", "--similarity", "lncc", "--regularizer", "diffusion"],
+    "phantom-lncc": ["--mode", "phantom", "--similarity", "lncc", "--regularizer", "diffusion"],
+}
+#: appended to every configuration with --quick
+QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]
+#: appended to every configuration always (peers get the same thread budget)
+COMMON_ARGS: list[str] = ["--device", "cpu", "--no-qc", "--overwrite"]
+DEFAULT_CASES = ["mni2mm"]
+THREADS = 2
+
+BENCHMARK = ROOT / "benchmark"
+
+
+def prepare(case: str, seed: int) -> Path:
+    """The case folder, prepared unless an identical-version copy exists."""
+    folder = BENCHMARK / "cases" / f"{case}-seed{seed}"
+    record = folder / "case.json"
+    if record.exists():
+        info = json.loads(record.read_text())
+        if info.get("generator", "").endswith(f"(version {prepare_cases.GENERATOR_VERSION})"):
+            return folder
+    print(f"[{case}] preparing case (seed {seed}) -> {folder}", flush=True)
+    prepare_cases.prepare_case(case, folder, seed)
+    return folder
+
+
+def run_peer(method: str, case_dir: Path, case: str, seed: int, quick: bool, rerun: bool, timeout: float) -> dict:
+    tag = f"{case}-seed{seed}" + ("-quick" if quick else "")
+    out = BENCHMARK / "cache" / tag / method
+    cached = out / "result.json"
+    if cached.exists() and not rerun:
+        row = json.loads(cached.read_text())
+        if row.get("status") == "ok" and "wall_s" in row:
+            row["cached"] = True
+            # the cache may have moved with the checkout: files live next to result.json
+            row["files"] = {key: str(out / Path(name).name) for key, name in row.get("files", {}).items()}
+            print(f"[{case}] {method}: cached ({row['wall_s']:.0f} s wall)", flush=True)
+            return row
+    print(f"[{case}] {method}: running ...", flush=True)
+    load = os.getloadavg()[0]
+    row = peers.run_method(method, case_dir, out, quick=quick, threads=THREADS, timeout=timeout, seed=seed)
+    row["load_average_before"] = load
+    row["cached"] = False
+    # keep the parent's numbers with the cache
+    cached.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    return row
+
+
+def run_ours(
+    name: str, arguments: Sequence[str], case_dir: Path, case: str, seed: int, quick: bool, timeout: float
+) -> dict:
+    tag = f"{case}-seed{seed}" + ("-quick" if quick else "")
+    out = BENCHMARK / "runs" / tag / name
+    extra = [*arguments, *COMMON_ARGS, "--threads", str(THREADS), "--seed", str(seed), *(QUICK_ARGS if quick else [])]
+    print(f"[{case}] {name}: running cnnreg register {' '.join(extra)}", flush=True)
+    load = os.getloadavg()[0]
+    row = peers.run_method(
+        "cnnreg", case_dir, out, quick=quick, threads=THREADS, timeout=timeout, extra_args=extra, seed=seed
+    )
+    row["method"] = name
+    row["load_average_before"] = load
+    row["cached"] = False
+    row["arguments"] = list(extra)
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def _read(path: Path, vector: bool = False) -> sitk.Image:
+    return sitk.ReadImage(str(path), sitk.sitkVectorFloat64 if vector else sitk.sitkUnknown)
+
+
+def evaluate_row(row: dict, case_dir: Path, info: dict) -> dict:
+    """Add ``metrics`` (cnnreg.evaluate) to a method's row; the TRE/folding region is the fixed labels."""
+    fixed_labels = _read(case_dir / "fixed_labels.nii.gz")
+    true_path = case_dir / "true_displacement.nii.gz"
+    true_field = _read(true_path, vector=True) if true_path.exists() else None
+    mask = sitk.GetArrayFromImage(fixed_labels) > 0
+    names = {int(k): v for k, v in info.get("label_names", {}).items()}
+    many_labels = len(names) > 20
+    if row["method"] == "before":
+        warped_labels = _read(case_dir / "moving_labels.nii.gz")
+        field = sitk.Image(fixed_labels.GetSize(), sitk.sitkVectorFloat64, fixed_labels.GetDimension())
+        field.CopyInformation(fixed_labels)
+    elif row.get("status") == "ok":
+        warped_labels = _read(Path(row["files"]["warped_labels"]))
+        field = _read(Path(row["files"]["displacement"]), vector=True)
+    else:
+        return row
+    metrics = evaluate.evaluate_registration(
+        fixed_labels, warped_labels, field=field, true_field=true_field, mask=mask, label_names=names
+    )
+    if many_labels:  # keep the table readable: per-label values stay in results.json
+        metrics["dice_min"] = float(min(metrics["dice"].values()))
+    row["metrics"] = metrics
+    own = Path(row.get("files", {}).get("displacement", "")).parent / "cnnreg_warped_labels.nii.gz"
+    if row["method"] != "before" and own.exists():
+        # our CLI's own warped labels vs the common SimpleITK resampling of its field
+        agree = sitk.GetArrayFromImage(_read(own)) == sitk.GetArrayFromImage(warped_labels)
+        row["cli_label_agreement_percent"] = float(100.0 * agree.mean())
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            return "–"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Registration benchmark",
+        "",
+        f"Generated by `scripts/benchmark` on {results['date']} ({results['machine']}). "
+        f"Every method ran in its own process with {THREADS} threads "
+        "(`OMP_NUM_THREADS`, `ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`)"
+        + (" with **--quick** (few iterations; smoke test only)." if results["quick"] else "."),
+        "",
+        "* Dice: per structure between the fixed labels and the moving labels resampled (nearest neighbour) "
+        "through each method's displacement field with SimpleITK; HD95: symmetric 95th-percentile surface "
+        "distance (mm); folding: % of voxels inside the fixed labels with det J <= 0; TRE: mean |d − d_true| (mm) "
+        "inside the fixed labels.",
+        "* Time: `reg s` = the registration call as timed inside the child (for cnnreg: the `seconds` of its "
+        "summary); `wall s` = the whole child process (interpreter start, imports, file I/O). Peak memory: "
+        "the child's own `ru_maxrss`. `load` = 1-minute load average when the method started (the machine is shared: "
+        "timings above ~2 are inflated).",
+        "",
+    ]
+    for case, block in results["cases"].items():
+        info = block["info"]
+        rows = block["rows"]
+        names = {int(k): v for k, v in info.get("label_names", {}).items()}
+        shown_labels = sorted(names)[:6] if len(names) <= 6 else []
+        lines += [f"## {case}", "", info.get("description", ""), ""]
+        header = (
+            ["method", "status"]
+            + [f"Dice {names[k]}" for k in shown_labels]
+            + [
+                "Dice mean",
+                "HD95 mm",
+                "folding %",
+                "TRE mm",
+                "reg s",
+                "wall s",
+                "peak MiB",
+                "load",
+            ]
+        )
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for row in rows:
+            m = row.get("metrics") or {}
+            dice = {int(k): v for k, v in (m.get("dice") or {}).items()}
+            status = row.get("status", "")
+            if row.get("error"):
+                status += f": {row['error'][:80]}"
+            cells = [row["method"] + (" (cached)" if row.get("cached") else ""), status]
+            cells += [_fmt(dice.get(k)) for k in shown_labels]
+            tre = m.get("tre") or {}
+            cells += [
+                _fmt(m.get("dice_mean")),
+                _fmt(m.get("hd95_mean"), 2),
+                _fmt(m.get("folding_percent"), 4),
+                _fmt(tre.get("mean"), 2),
+                _fmt(row.get("registration_s"), 1),
+                _fmt(row.get("wall_s"), 1),
+                _fmt(row.get("peak_rss_mib"), 0),
+                _fmt(row.get("load_average_before"), 1),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        ours = [r for r in rows if r["method"] in OUR_CONFIGS and r.get("status") == "ok"]
+        others = [r for r in rows if r["method"] in peers.PEERS and r.get("status") == "ok"]
+        if ours and others:
+            lines += [
+                f"Ratios on {case} (ours / peer; < 1 means ours is faster or smaller):",
+                "",
+                "| ours | peer | reg time | wall time | peak memory | Δ Dice mean |",
+                "|---|---|---|---|---|---|",
+            ]
+            for mine in ours:
+                for peer in others:
+
+                    def ratio(key: str, mine=mine, peer=peer) -> float:
+                        return (mine.get(key) or np.nan) / (peer.get(key) or np.nan)
+
+                    delta = (mine.get("metrics") or {}).get("dice_mean", np.nan) - (peer.get("metrics") or {}).get(
+                        "dice_mean", np.nan
+                    )
+                    lines.append(
+                        f"| {mine['method']} | {peer['method']} | {_fmt(ratio('registration_s'), 2)} | "
+                        f"{_fmt(ratio('wall_s'), 2)} | {_fmt(ratio('peak_rss_mib'), 2)} | {delta:+.3f} |"
+                    )
+            lines.append("")
+        if block.get("figure"):
+            lines += [f"![QC {case}]({Path(block['figure']).name})", ""]
+    lines += ["## Method settings", ""]
+    seen = set()
+    for block in results["cases"].values():
+        for row in block["rows"]:
+            if row["method"] in seen or row["method"] == "before":
+                continue
+            seen.add(row["method"])
+            settings = row.get("arguments") or row.get("parameters") or {}
+            lines.append(f"* **{row['method']}**: `{json.dumps(settings)}` {json.dumps(row.get('versions', {}))}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | None:
+    """Rows = methods; columns = warped image with fixed-label contours, |warped - fixed|, det J."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = sitk.GetArrayFromImage(_read(case_dir / "fixed.nii.gz")).astype(np.float64)
+    labels = sitk.GetArrayFromImage(_read(case_dir / "fixed_labels.nii.gz"))
+    shown = [r for r in rows if r["method"] == "before" or r.get("status") == "ok"]
+    if not shown:
+        return None
+
+    def middle(array):
+        return array[array.shape[0] // 2] if array.ndim == 3 else array
+
+    scale = np.percentile(fixed, 99.5) or 1.0
+    figure, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
+    for axis_row, row in zip(axes, shown):
+        if row["method"] == "before":
+            warped = sitk.GetArrayFromImage(_read(case_dir / "moving.nii.gz")).astype(np.float64)
+            det = np.ones_like(warped)
+        else:
+            warped = sitk.GetArrayFromImage(_read(Path(row["files"]["warped"]))).astype(np.float64)
+            det = evaluate.jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True))
+        dice = (row.get("metrics") or {}).get("dice_mean")
+        axis_row[0].imshow(middle(warped), cmap="gray", vmin=0, vmax=scale, origin="lower")
+        axis_row[0].contour(
+            middle(labels), levels=np.unique(labels)[1:] - 0.5, colors="tab:orange", linewidths=0.5, origin="lower"
+        )
+        axis_row[0].set_title(f"{row['method']}  Dice {_fmt(dice)}", fontsize=9)
+        axis_row[1].imshow(
+            np.abs(middle(warped) - middle(fixed)), cmap="magma", vmin=0, vmax=0.5 * scale, origin="lower"
+        )
+        axis_row[1].set_title("|warped − fixed|", fontsize=9)
+        image = axis_row[2].imshow(middle(det), cmap="RdBu_r", vmin=0, vmax=2, origin="lower")
+        axis_row[2].set_title(f"det J (min {det.min():.2f})", fontsize=9)
+        for axis in axis_row:
+            axis.axis("off")
+    figure.colorbar(image, ax=axes[:, 2].tolist(), shrink=0.6)
+    figure.suptitle(f"{case}: middle slice (array axis 0); contours = fixed labels", fontsize=10)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help=f"comma list from {', '.join(prepare_cases.CASES)}"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join([*peers.PEERS, *OUR_CONFIGS]),
+        help=f"comma list from peers {', '.join(peers.PEERS)} and our configurations {', '.join(OUR_CONFIGS)}",
+    )
+    parser.add_argument("--quick", action="store_true", help="few iterations everywhere (smoke test)")
+    parser.add_argument("--rerun-peers", action="store_true", help="run peers even when a cached result exists")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per method, seconds")
+    parser.add_argument("--no-install", action="store_true", help="do not pip-install missing peers")
+    args = parser.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
+    for case in cases:
+        if case not in prepare_cases.CASES:
+            parser.error(f"unknown case {case!r}; choose from {', '.join(prepare_cases.CASES)}")
+    for method in methods:
+        if method not in peers.PEERS and method not in OUR_CONFIGS:
+            parser.error(f"unknown method {method!r}; choose from {', '.join([*peers.PEERS, *OUR_CONFIGS])}")
+    BENCHMARK.mkdir(exist_ok=True)
+    chosen_peers = [m for m in methods if m in peers.PEERS]
+    install = {} if args.no_install else peers.install_peers(chosen_peers)
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "threads": THREADS,
+        "quick": args.quick,
+        "seed": args.seed,
+        "install": install,
+        "our_configs": OUR_CONFIGS,
+        "cases": {},
+    }
+    for case in cases:
+        case_dir = prepare(case, args.seed)
+        info = json.loads((case_dir / "case.json").read_text())
+        rows = [{"method": "before", "status": "ok"}]
+        for method in methods:
+            if method in peers.PEERS:
+                row = run_peer(method, case_dir, case, args.seed, args.quick, args.rerun_peers, args.timeout)
+            else:
+                row = run_ours(method, OUR_CONFIGS[method], case_dir, case, args.seed, args.quick, args.timeout)
+            rows.append(row)
+            if row.get("status") != "ok":
+                print(f"[{case}] {method}: {row.get('status')} ({row.get('error')})", flush=True)
+        started = time.perf_counter()
+        for row in rows:
+            evaluate_row(row, case_dir, info)
+            m = row.get("metrics")
+            if m:
+                print(
+                    f"[{case}] {row['method']}: Dice mean {m['dice_mean']:.3f} "
+                    f"{ {int(k): round(v, 3) for k, v in list(m['dice'].items())[:6]} }, wall {_fmt(row.get('wall_s'), 1)} s, "
+                    f"peak {_fmt(row.get('peak_rss_mib'), 0)} MiB",
+                    flush=True,
+                )
+        print(f"[{case}] evaluated in {time.perf_counter() - started:.1f} s", flush=True)
+        figure = qc_figure(case, case_dir, rows, BENCHMARK / f"qc_{case}.png")
+        results["cases"][case] = {"info": info, "rows": rows, "figure": figure}
+    evaluate.write_json(results, BENCHMARK / "results.json")
+    table_rows = [
+        {
+            "case": case,
+            "method": row["method"],
+            "status": row.get("status"),
+            "wall_s": row.get("wall_s"),
+            "registration_s": row.get("registration_s"),
+            "peak_rss_mib": row.get("peak_rss_mib"),
+            **(row.get("metrics") or {}),
+        }
+        for case, block in results["cases"].items()
+        for row in block["rows"]
+    ]
+    evaluate.evaluation_table(table_rows, csv_path=BENCHMARK / "results.csv")
+    (BENCHMARK / "results.md").write_text(markdown(results))
+    print(f"wrote {BENCHMARK / 'results.md'}, results.json, results.csv", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
