@@ -451,8 +451,8 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameterNode.mode, Mode.PHANTOM)
         self.assertEqual(parameterNode.similarity, Similarity.PCC_SSIM)
         logic.applyPreset(parameterNode, "Brain MRI")
-        self.assertEqual(parameterNode.mode, Mode.LEARNED_REFINE)
-        self.assertEqual(logic.settingsFromParameterNode(parameterNode).commandLineArguments()[1], "learned-refine")
+        self.assertEqual(parameterNode.mode, Mode.INSTANCE)
+        self.assertEqual(logic.settingsFromParameterNode(parameterNode).commandLineArguments()[1], "instance")
 
     @staticmethod
     def _blobVolume(name, center, shape=(24, 24, 24), spacing=(1.5, 1.5, 1.5)):

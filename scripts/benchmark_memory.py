@@ -76,8 +76,25 @@ def make_pair(folder: str, seed: int = 0) -> tuple[str, str]:
 
 
 def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads: int) -> dict:
-    argv = ["register", "--fixed", fixed, "--moving", moving, "--out", out, "--overwrite", "--mode", "phantom",
-            "--iterations", iterations, "--device", device, "--progress", "none", "--no-qc"]
+    argv = [
+        "register",
+        "--fixed",
+        fixed,
+        "--moving",
+        moving,
+        "--out",
+        out,
+        "--overwrite",
+        "--mode",
+        "phantom",
+        "--iterations",
+        iterations,
+        "--device",
+        device,
+        "--progress",
+        "none",
+        "--no-qc",
+    ]
     code = CHILD.format(backend=os.path.join(ROOT, "CNNRegistration"), argv=argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
@@ -85,11 +102,21 @@ def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads
     wall = time.perf_counter() - started
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
-        return {"device": device, "error": (process.stderr.strip().splitlines() or ["failed"])[-1], "wall_seconds": wall}
-    result = json.loads(lines[-1][len("RESULT "):])
+        return {
+            "device": device,
+            "error": (process.stderr.strip().splitlines() or ["failed"])[-1],
+            "wall_seconds": wall,
+        }
+    result = json.loads(lines[-1][len("RESULT ") :])
     summary = json.load(open(os.path.join(out, "summary.json")))
-    return {"device": device, "wall_seconds": wall, **result, "similarity_before": summary["similarity_before"],
-            "similarity_after": summary["similarity_after"], "folding_percent": summary["folding_percent"]}
+    return {
+        "device": device,
+        "wall_seconds": wall,
+        **result,
+        "similarity_before": summary["similarity_before"],
+        "similarity_after": summary["similarity_after"],
+        "folding_percent": summary["folding_percent"],
+    }
 
 
 def main() -> int:
@@ -107,7 +134,9 @@ def main() -> int:
             if device.startswith("cuda") and not torch.cuda.is_available():
                 rows.append({"device": device, "error": "no CUDA GPU on this machine"})
                 continue
-            rows.append(run(device, fixed, moving, os.path.join(folder, f"out-{device}"), args.iterations, args.threads))
+            rows.append(
+                run(device, fixed, moving, os.path.join(folder, f"out-{device}"), args.iterations, args.threads)
+            )
     lines = [
         f"Phantom mode on {SIZE[0]}x{SIZE[1]}x{SIZE[2]} (MNI152 1 mm, smooth warp <= 6 voxels), iterations {args.iterations}",
         "",

@@ -119,7 +119,8 @@ def run_method(
         the child), "peak_rss_mib", "files": {"displacement", "warped", "warped_labels"},
         "parameters", "versions", "threads"}``.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    case_dir = Path(case_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "result.json"
     if result_path.exists():
@@ -143,7 +144,11 @@ def run_method(
     start = time.perf_counter()
     log_path = out / "log.txt"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=thread_environment(threads))
+        # cwd = the output folder: tools that drop files in the working directory (transformix
+        # writes deformationField.nii) leave them there
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=thread_environment(threads), cwd=str(out)
+        )
         # wait4 gives the rusage of this child alone (ru_maxrss in KiB on Linux)
         deadline = start + timeout
         timed_out = False
@@ -333,12 +338,15 @@ def _elastix_bspline(case: dict, out: Path, quick: bool, threads: int, seed: int
         fixed, moving, parameter_object=parameters, log_to_console=False, number_of_threads=threads
     )
     seconds = time.perf_counter() - start
-    deformation = itk.transformix_deformation_field(moving, transform)
+    deformation = itk.transformix_deformation_field(moving, transform)  # also writes ./deformationField.nii
     # itk -> SimpleITK through a lossless MetaImage file (vectors in LPS mm, fixed grid)
     temporary = out / "elastix_field.mha"
     itk.imwrite(deformation, str(temporary))
     field = sitk.ReadImage(str(temporary), sitk.sitkVectorFloat64)
     temporary.unlink()
+    stray = Path("deformationField.nii")
+    if stray.exists() and stray.resolve().parent == out.resolve():
+        stray.unlink()
     sitk.WriteImage(field, str(out / "displacement.nii.gz"), useCompression=True)
     shown = {
         key: list(bspline[key])

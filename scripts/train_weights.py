@@ -94,7 +94,13 @@ RECIPES = {
             "val_pairs_per_image": 4,
             "augment": {"max_displacement": 4.0, "pair_displacement": 1.5, "control_spacing": 8},
         },
-        "quick": {"working_shape": [32, 32, 32], "epochs": 2, "steps_per_epoch": 2, "batch_size": 1, "val_pairs_per_image": 1},
+        "quick": {
+            "working_shape": [32, 32, 32],
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "batch_size": 1,
+            "val_pairs_per_image": 1,
+        },
     },
     "2d": {
         "file": "faim2d_brain.pt",
@@ -114,7 +120,13 @@ RECIPES = {
             "val_pairs_per_image": 1,
             "augment": {"max_displacement": 6.0, "pair_displacement": 2.0, "control_spacing": 12},
         },
-        "quick": {"working_shape": [64, 64], "epochs": 2, "steps_per_epoch": 2, "batch_size": 2, "val_pairs_per_image": 1},
+        "quick": {
+            "working_shape": [64, 64],
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "batch_size": 2,
+            "val_pairs_per_image": 1,
+        },
     },
 }
 
@@ -154,7 +166,9 @@ def alignment(reference: sitk.Image, image: sitk.Image, name: str, work_dir: Pat
     return transform
 
 
-def brains(reference: sitk.Image, sources: dict[str, tuple[sitk.Image, sitk.Transform]]) -> dict[str, tuple[sitk.Image, sitk.Image]]:
+def brains(
+    reference: sitk.Image, sources: dict[str, tuple[sitk.Image, sitk.Transform]]
+) -> dict[str, tuple[sitk.Image, sitk.Image]]:
     """``{name: (image, tissue labels)}``: each source image (with its reference -> image
     transform) resampled onto ``reference``'s grid, anti-aliased, scaled; Otsu tissue labels."""
     out = {}
@@ -201,8 +215,14 @@ def load_data(work_dir: Path, quick: bool, log) -> dict:
 def samples_3d(data: dict, settings: TrainSettings):
     train_samples, val_samples = [], []
     for name, (image, labels) in data["3d"].items():
-        sample = make_sample(name, sitk.GetArrayFromImage(image), settings.shape_for(3), settings.normalization,
-                             sitk.GetArrayFromImage(labels), "tissue")
+        sample = make_sample(
+            name,
+            sitk.GetArrayFromImage(image),
+            settings.shape_for(3),
+            settings.normalization,
+            sitk.GetArrayFromImage(labels),
+            "tissue",
+        )
         (val_samples if name == "itk_t1" else train_samples).append(sample)
     return train_samples, val_samples
 
@@ -216,8 +236,15 @@ def samples_2d(data: dict, settings: TrainSettings):
             plane_labels = sitk.GetArrayFromImage(labels)[k]
             if plane.max() <= 0:
                 continue
-            sample = make_sample(f"{name}_z{height:+d}", plane, settings.shape_for(2), settings.normalization,
-                                 plane_labels, "tissue", group=f"z{height:+d}")
+            sample = make_sample(
+                f"{name}_z{height:+d}",
+                plane,
+                settings.shape_for(2),
+                settings.normalization,
+                plane_labels,
+                "tissue",
+                group=f"z{height:+d}",
+            )
             (val_samples if name == "itk_t1" else train_samples).append(sample)
     return train_samples, val_samples
 
@@ -229,7 +256,9 @@ def samples_2d(data: dict, settings: TrainSettings):
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -331,21 +360,34 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", help=f"where the weights, models.json and README.md go (default {DEFAULT_OUT}; "
-                        "with --quick a temporary folder)")
-    parser.add_argument("--work-dir", help="checkpoints, cached affine transforms (default <out-dir>/../../build/train_weights)")
+    parser.add_argument(
+        "--out-dir",
+        help=f"where the weights, models.json and README.md go (default {DEFAULT_OUT}; "
+        "with --quick a temporary folder)",
+    )
+    parser.add_argument(
+        "--work-dir", help="checkpoints, cached affine transforms (default <out-dir>/../../build/train_weights)"
+    )
     parser.add_argument("--only", choices=sorted(RECIPES), help="train one model only")
     parser.add_argument("--quick", action="store_true", help="2 tiny epochs per model, to check the recipe runs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--steps-per-epoch", type=int, help="override the recipe's steps per epoch")
-    parser.add_argument("--resume", action="store_true", help="continue each model from its .last.pt in the work folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue each model from its .last.pt in the work folder"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
     args = parser.parse_args(argv)
 
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="cnnreg-quick-weights-")) if args.quick else DEFAULT_OUT)
-    work_dir = Path(args.work_dir) if args.work_dir else (out_dir / "work" if args.quick else ROOT / "build" / "train_weights")
+    out_dir = (
+        Path(args.out_dir)
+        if args.out_dir
+        else (Path(tempfile.mkdtemp(prefix="cnnreg-quick-weights-")) if args.quick else DEFAULT_OUT)
+    )
+    work_dir = (
+        Path(args.work_dir) if args.work_dir else (out_dir / "work" if args.quick else ROOT / "build" / "train_weights")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -357,9 +399,14 @@ def main(argv=None) -> int:
     log(f"data ready in {time.perf_counter() - started:.0f} s")
     report = ProgressReporter(args.progress)
     entries = []
-    for key in ([args.only] if args.only else sorted(RECIPES, reverse=True)):
+    for key in [args.only] if args.only else sorted(RECIPES, reverse=True):
         recipe = RECIPES[key]
-        values = {**recipe["settings"], **(recipe["quick"] if args.quick else {}), "seed": args.seed, "device": args.device}
+        values = {
+            **recipe["settings"],
+            **(recipe["quick"] if args.quick else {}),
+            "seed": args.seed,
+            "device": args.device,
+        }
         values["augment"] = AugmentSettings(**values["augment"])
         if args.epochs:
             values["epochs"] = args.epochs
@@ -368,9 +415,13 @@ def main(argv=None) -> int:
         settings = TrainSettings(**values)
         train_samples, val_samples = (samples_3d if key == "3d" else samples_2d)(data, settings)
         index_labels(train_samples + val_samples)
-        log(f"{key}: {len(train_samples)} training and {len(val_samples)} held-out validation images at {settings.working_shape}")
+        log(
+            f"{key}: {len(train_samples)} training and {len(val_samples)} held-out validation images at {settings.working_shape}"
+        )
         run_path = work_dir / recipe["file"]
-        resume = output_paths(run_path)["last"] if args.resume and os.path.isfile(output_paths(run_path)["last"]) else None
+        resume = (
+            output_paths(run_path)["last"] if args.resume and os.path.isfile(output_paths(run_path)["last"]) else None
+        )
         summary = train(settings, train_samples, val_samples, run_path, resume=resume, callback=report)
         target = out_dir / recipe["file"]
         shutil.copyfile(run_path, target)
@@ -402,13 +453,21 @@ def main(argv=None) -> int:
             f"{_fmt(best.get('val_dice'))}, folding {_fmt(best.get('val_folding_percent'), 4)} %; {target}"
         )
     if args.only and (out_dir / "models.json").is_file():  # keep the other model's entry
-        others = [e for e in json.loads((out_dir / "models.json").read_text())["models"] if e["file"] not in {x["file"] for x in entries}]
+        others = [
+            e
+            for e in json.loads((out_dir / "models.json").read_text())["models"]
+            if e["file"] not in {x["file"] for x in entries}
+        ]
         entries = others + entries
     for entry in entries:  # the recorded hashes must match the files that are there now
         if (out_dir / entry["file"]).is_file():
             entry["sha256"] = file_sha256(out_dir / entry["file"])
     write_manifest(out_dir, entries)
-    command = "python scripts/train_weights.py" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "auto" else "")
+    command = (
+        "python scripts/train_weights.py"
+        + (" --quick" if args.quick else "")
+        + (f" --device {args.device}" if args.device != "auto" else "")
+    )
     (out_dir / "README.md").write_text(model_card(entries, command, args.quick), encoding="utf-8")
     log(f"done in {time.perf_counter() - started:.0f} s; weights, models.json and README.md in {out_dir}")
     return 0

@@ -118,7 +118,9 @@ def augment_intensity(image: torch.Tensor, settings: AugmentSettings, generator:
     device = image.device
 
     def chosen() -> torch.Tensor:
-        return (torch.rand(n, generator=generator) < settings.probability).to(device=device, dtype=image.dtype).view(view)
+        return (
+            (torch.rand(n, generator=generator) < settings.probability).to(device=device, dtype=image.dtype).view(view)
+        )
 
     x = image.clamp_min(0)
     if settings.gamma > 0:
@@ -172,10 +174,14 @@ class PairBatch:
 
     def to(self, device: torch.device) -> PairBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PairBatch(move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels), self.names)
+        return PairBatch(
+            move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels), self.names
+        )
 
 
-def _stack_labels(fixed_items: Sequence[Sample], moving_items: Sequence[Sample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _stack_labels(
+    fixed_items: Sequence[Sample], moving_items: Sequence[Sample]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stacked ``(N, 1, *S)`` label maps of both sides, or ``(None, None)`` unless every sample has
     labels and all share one label space."""
     items = list(fixed_items) + list(moving_items)
@@ -201,7 +207,9 @@ class PairSampler:
         intensity: apply intensity augmentation.
     """
 
-    def __init__(self, samples: Sequence[Sample], settings: AugmentSettings, generator: torch.Generator, intensity: bool = True):
+    def __init__(
+        self, samples: Sequence[Sample], settings: AugmentSettings, generator: torch.Generator, intensity: bool = True
+    ):
         if not samples:
             raise ValueError("the pair sampler needs at least one image")
         self.samples = list(samples)
@@ -226,7 +234,9 @@ class PairSampler:
             second = first if self_pair else partners[self._pick(len(partners))]
             fixed_items.append(self.samples[first])
             moving_items.append(self.samples[second])
-            names.append(f"{self.samples[second].name}->{self.samples[first].name}" + (" (deformed)" if self_pair else ""))
+            names.append(
+                f"{self.samples[second].name}->{self.samples[first].name}" + (" (deformed)" if self_pair else "")
+            )
         return self.make_batch(fixed_items, moving_items, device, names)
 
     def make_batch(self, fixed_items, moving_items, device, names) -> PairBatch:
@@ -242,10 +252,16 @@ class PairSampler:
         same = torch.tensor([f is m for f, m in zip(fixed_items, moving_items)], device=device)
         view = (n, 1) + (1,) * len(shape)
         # moving: large deformation for self pairs, mild for pairs of different images
-        big = random_smooth_field(n, shape, s.max_displacement, self.generator, s.control_spacing, s.diffeomorphic, device)
-        small = random_smooth_field(n, shape, s.pair_displacement, self.generator, s.control_spacing, s.diffeomorphic, device)
+        big = random_smooth_field(
+            n, shape, s.max_displacement, self.generator, s.control_spacing, s.diffeomorphic, device
+        )
+        small = random_smooth_field(
+            n, shape, s.pair_displacement, self.generator, s.control_spacing, s.diffeomorphic, device
+        )
         u_moving = torch.where(same.view(view), big, small)
-        u_fixed = random_smooth_field(n, shape, s.pair_displacement, self.generator, s.control_spacing, s.diffeomorphic, device)
+        u_fixed = random_smooth_field(
+            n, shape, s.pair_displacement, self.generator, s.control_spacing, s.diffeomorphic, device
+        )
         fixed, fixed_labels = deform(fixed, u_fixed, fixed_labels)
         moving, moving_labels = deform(moving, u_moving, moving_labels)
         if self.intensity:
@@ -276,11 +292,21 @@ def validation_pairs(
         for _ in range(pairs_per_image):
             shape = sample.image.shape[1:]
             u = random_smooth_field(
-                1, shape, settings.max_displacement, generator, settings.control_spacing, settings.diffeomorphic, sample.image.device
+                1,
+                shape,
+                settings.max_displacement,
+                generator,
+                settings.control_spacing,
+                settings.diffeomorphic,
+                sample.image.device,
             )
-            moving, moving_labels = deform(sample.image[None], u, None if sample.labels is None else sample.labels[None])
+            moving, moving_labels = deform(
+                sample.image[None], u, None if sample.labels is None else sample.labels[None]
+            )
             fixed_labels = None if sample.labels is None else sample.labels[None].float()
-            pairs.append(PairBatch(sample.image[None], moving, fixed_labels, moving_labels, [f"{sample.name} (deformed)"]))
+            pairs.append(
+                PairBatch(sample.image[None], moving, fixed_labels, moving_labels, [f"{sample.name} (deformed)"])
+            )
     if cross_pairs:
         ordered = [(a, b) for a in samples for b in samples if a is not b and a.group == b.group]
         ordered += [pair for a in samples for b in others if a.group == b.group for pair in ((a, b), (b, a))]

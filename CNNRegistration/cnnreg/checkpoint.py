@@ -210,14 +210,18 @@ def read_checkpoint_dict(path: str | os.PathLike, require_hash: bool = False) ->
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        reason = f"it pickles the Python object {found.group(1)}" if found else "it holds Python objects, not only tensors"
+        reason = (
+            f"it pickles the Python object {found.group(1)}" if found else "it holds Python objects, not only tensors"
+        )
         raise InputError(
             f"model file {path} is not a cnnreg checkpoint: torch.load(weights_only=True) refused it ({reason}); "
             "cnnreg checkpoints hold only tensors and plain values -- only use files from a source you trust"
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many kinds on arbitrary bytes
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"model file {path} is corrupt or not a cnnreg checkpoint: cannot be read by torch ({reason})") from None
+        raise InputError(
+            f"model file {path} is corrupt or not a cnnreg checkpoint: cannot be read by torch ({reason})"
+        ) from None
     if not isinstance(data, dict) or any(key not in data for key in REQUIRED_KEYS):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise InputError(
@@ -260,14 +264,18 @@ def load_checkpoint(
     try:
         network = build_network(architecture, config)
     except (TypeError, ValueError, KeyError) as error:
-        raise InputError(f"model file {path}: cannot rebuild {architecture} from its config {config}: {error}") from None
+        raise InputError(
+            f"model file {path}: cannot rebuild {architecture} from its config {config}: {error}"
+        ) from None
     try:
         network.load_state_dict(data["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
         detail = " ".join(str(error).split())
         if len(detail) > 400:
             detail = detail[:400] + "..."
-        raise InputError(f"model file {path}: its weights do not fit the {architecture} built from its config ({detail})") from None
+        raise InputError(
+            f"model file {path}: its weights do not fit the {architecture} built from its config ({detail})"
+        ) from None
     network.eval()
     shape = data.get("working_shape")
     if shape is not None and len(shape) != ndim:
@@ -290,6 +298,8 @@ def write_manifest(folder: str | os.PathLike, entries: Sequence[Mapping]) -> str
     """Write ``models.json`` in ``folder`` from entries (``file``, ``ndim``, ``sha256``, ...)."""
     path = os.path.join(os.fspath(folder), MANIFEST_NAME)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"format": "cnnreg-models", "version": 1, "models": [plain(dict(e)) for e in entries]}, handle, indent=2)
+        json.dump(
+            {"format": "cnnreg-models", "version": 1, "models": [plain(dict(e)) for e in entries]}, handle, indent=2
+        )
         handle.write("\n")
     return path

@@ -66,7 +66,9 @@ def _iterations(text: str) -> list[int] | int:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"iterations must be an integer or a comma list like 150,100,50, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"iterations must be an integer or a comma list like 150,100,50, got {text!r}"
+        ) from None
     if min(values) < 0:
         raise argparse.ArgumentTypeError(f"iterations must be >= 0, got {text!r}")
     return values[0] if len(values) == 1 else values
@@ -83,12 +85,23 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--similarity", default=Similarity.LNCC.value, choices=choices(Similarity))
     parser.add_argument("--regularizer", default=Regularizer.DIFFUSION.value, choices=choices(Regularizer))
     parser.add_argument("--weight", type=float, default=1.0, help="regularizer weight (default 1.0)")
-    parser.add_argument("--jacobian-weight", type=float, default=1.0, help="weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off")
-    parser.add_argument("--window", type=int, default=9, help="LNCC window, voxels (odd)")
+    parser.add_argument(
+        "--jacobian-weight",
+        type=float,
+        default=1.0,
+        help="weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off",
+    )
+    parser.add_argument("--window", type=int, default=5, help="LNCC window, voxels (odd)")
     parser.add_argument("--levels", type=int, default=3, help="pyramid levels")
     parser.add_argument("--iterations", type=_iterations, default=None, help="per level, coarse to fine: N or N1,N2,N3")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--field-smoothing", type=float, default=1.0, help="Gaussian sigma of field updates, voxels")
+    parser.add_argument(
+        "--control-spacing", type=float, default=4.0, help="dense-field control grid spacing, voxels (1 = every voxel)"
+    )
+    parser.add_argument(
+        "--optimizer", default="global-adam", choices=["global-adam", "adam", "greedy"], help="dense-field optimiser"
+    )
     parser.add_argument("--features", type=int, default=24, help="phantom-mode U-Net width")
     parser.add_argument("--max-cnn-voxels", type=int, default=2**21, help="phantom-mode working-grid size limit")
     parser.add_argument("--model", help="learned modes: weights file (default: shipped weights)")
@@ -103,7 +116,7 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_iterations(mode: str) -> list[int]:
-    return [200, 100, 50] if mode == Mode.PHANTOM.value else [150, 100, 50]
+    return [200, 100, 50] if mode == Mode.PHANTOM.value else [100, 60, 40]
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -135,6 +148,8 @@ def _run_register(args: argparse.Namespace) -> int:
             iterations=args.iterations if args.iterations is not None else _default_iterations(args.mode),
             learning_rate=args.learning_rate,
             field_smoothing=args.field_smoothing,
+            control_spacing=args.control_spacing,
+            optimizer=args.optimizer,
             features=args.features,
             max_cnn_voxels=args.max_cnn_voxels,
         ),
@@ -148,7 +163,16 @@ def _run_register(args: argparse.Namespace) -> int:
     from .device import describe_device, resolve_device
 
     device = describe_device(resolve_device(args.device))
-    report({"event": "start", "fixed": args.fixed, "moving": args.moving, "mode": args.mode, "device": device, "out": out_dir})
+    report(
+        {
+            "event": "start",
+            "fixed": args.fixed,
+            "moving": args.moving,
+            "mode": args.mode,
+            "device": device,
+            "out": out_dir,
+        }
+    )
     result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
     paths = write_result(result, out_dir, qc=not args.no_qc)
     report({"event": "done", "summary": result.summary, "files": paths})
@@ -192,7 +216,9 @@ def _run_apply(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="cnnreg", description="Deformable image registration with CNNs (CPU/GPU, 2D/3D).")
+    parser = argparse.ArgumentParser(
+        prog="cnnreg", description="Deformable image registration with CNNs (CPU/GPU, 2D/3D)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     runners = {}
     register_parser = commands.add_parser("register", help="register a moving image to a fixed image")

@@ -47,11 +47,15 @@ def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> N
             "a scalar (grey-level) image is needed"
         )
     if image.GetDimension() not in (2, 3):
-        raise InputError(f"{name} is {image.GetDimension()}D with size {image.GetSize()}; only 2D and 3D images are supported")
+        raise InputError(
+            f"{name} is {image.GetDimension()}D with size {image.GetSize()}; only 2D and 3D images are supported"
+        )
     if image.GetNumberOfPixels() == 0 or min(image.GetSize()) == 0:
         raise InputError(f"{name} is empty (size {image.GetSize()})")
     if sum(n > 1 for n in image.GetSize()) < 2:
-        raise InputError(f"{name} has size {image.GetSize()}: fewer than two axes longer than one voxel; a 2D or 3D image is needed")
+        raise InputError(
+            f"{name} has size {image.GetSize()}: fewer than two axes longer than one voxel; a 2D or 3D image is needed"
+        )
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
@@ -284,9 +288,7 @@ def apply_displacement(
     field's own grid the displacement is zero.
     """
     if image.GetDimension() != field.GetDimension():
-        raise InputError(
-            f"image is {image.GetDimension()}D but the displacement field is {field.GetDimension()}D"
-        )
+        raise InputError(f"image is {image.GetDimension()}D but the displacement field is {field.GetDimension()}D")
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return resample(image, reference if reference is not None else field, transform, interpolation, default_value)
 

@@ -68,7 +68,9 @@ def shipped_model_path(ndim: int) -> str:
     entry = (defaults or entries)[0]
     path = folder / str(entry["file"])
     if not path.is_file():
-        raise InputError(f"the shipped {ndim}D weights {path} listed in {manifest} are missing; {_how_to_get_weights(ndim)}")
+        raise InputError(
+            f"the shipped {ndim}D weights {path} listed in {manifest} are missing; {_how_to_get_weights(ndim)}"
+        )
     return str(path)
 
 

@@ -414,5 +414,7 @@ def build_network(architecture: str, config: dict) -> nn.Module:
     """
     name = SHORT_NAMES.get(architecture, architecture)
     if name not in ARCHITECTURES:
-        raise KeyError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)} or {sorted(SHORT_NAMES)}")
+        raise KeyError(
+            f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)} or {sorted(SHORT_NAMES)}"
+        )
     return ARCHITECTURES[name](**config)

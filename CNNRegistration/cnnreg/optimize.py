@@ -16,9 +16,9 @@ in voxels of the fixed grid (:mod:`cnnreg.conventions`).
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -44,9 +44,11 @@ class OptimizationSettings:
         window: LNCC window in voxels (odd).
         levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
         iterations: iterations per level, coarse to fine (one number = every level).
-        learning_rate: Adam step; None = the mode's default (0.5 voxels/step for a dense
+        learning_rate: optimiser step; None = the mode's default (0.25 voxels/step for a dense
             field, 1e-3 for the CNN weights).
         field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
+        control_spacing: dense-field modes optimise the update on a control grid with this
+            spacing in voxels of the fixed grid (interpolated linearly; 1 = every voxel).
         final_learning_rate: fraction of the learning rate reached at the end of each level
             (cosine decay; 1 = constant).  Adam's steps do not shrink by themselves, so
             without decay a dense field keeps jittering by about one step.
@@ -61,11 +63,12 @@ class OptimizationSettings:
     regularizer: Regularizer | str = Regularizer.DIFFUSION
     weight: float = 1.0
     jacobian_weight: float = 1.0
-    window: int = 9
+    window: int = 5
     levels: int = 3
     iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
     learning_rate: float | None = None
     field_smoothing: float = 1.0
+    control_spacing: float = 4.0
     final_learning_rate: float = 0.1
     optimizer: str = "global-adam"
     patience: int = 20
@@ -159,38 +162,43 @@ OPTIMIZERS = {"global-adam": GlobalAdam, "adam": torch.optim.Adam, "greedy": Gre
 
 
 class DenseField(nn.Module):
-    """``u = base + G_sigma * p`` with ``p`` optimised directly (``base`` fixed, p starts at 0)."""
+    """``u = base + G_sigma * upsample(p)`` with ``p`` optimised directly (``base`` fixed, ``p``
+    starts at 0).  ``p`` lives on a control grid of ``control_shape`` (the level's grid when
+    None) and is interpolated linearly to the level's grid, like a B-spline control grid."""
 
-    default_learning_rate = 0.5
+    default_learning_rate = 0.25
 
-    def __init__(self, base: torch.Tensor, smoothing: float):
+    def __init__(self, base: torch.Tensor, smoothing: float, control_shape: Sequence[int] | None = None):
         super().__init__()
         self.register_buffer("base", base.detach().clone())
-        self.update = nn.Parameter(torch.zeros_like(base))
+        shape = tuple(control_shape) if control_shape is not None else tuple(base.shape[2:])
+        self.update = nn.Parameter(base.new_zeros((*base.shape[:2], *shape)))
         self.smoothing = smoothing
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        update = gaussian_smooth(self.update, self.smoothing) if self.smoothing > 0 else self.update
+        update = resize_field(self.update, self.base.shape[2:])
+        update = gaussian_smooth(update, self.smoothing) if self.smoothing > 0 else update
         return self.base + update
 
 
 class CNNField(nn.Module):
-    """``u = base + unet(cat(warp(moving, base), fixed))`` with the U-Net's weights optimised.
+    """``u = scale * unet(cat(moving, fixed))`` with the U-Net's weights optimised.
 
-    The U-Net is shared across pyramid levels (it is fully convolutional); ``base`` is the
-    previous level's field, so each level learns a residual.
+    The same U-Net (fully convolutional) runs at every pyramid level and always predicts the
+    whole field, in voxels of the coarsest level; ``scale`` (per axis, level size / coarsest
+    size) converts it to the current level, so a level change keeps the field it had.
     """
 
     default_learning_rate = 1e-3
 
-    def __init__(self, network: UNet, base: torch.Tensor):
+    def __init__(self, network: UNet, scale: Sequence[float]):
         super().__init__()
         self.network = network
-        self.register_buffer("base", base.detach().clone())
+        ndim = len(scale)
+        self.register_buffer("scale", torch.tensor(list(scale)).view(1, ndim, *([1] * ndim)))
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        moved = warp(moving, self.base) if self.base.abs().max() > 0 else moving
-        return self.base + self.network(torch.cat([moved, fixed], dim=1))
+        return self.network(torch.cat([moving, fixed], dim=1)) * self.scale.to(fixed.dtype)
 
 
 def _loss_terms(
@@ -268,7 +276,9 @@ def run_pyramid(
             u_level = model(fixed_level, moving_level)
             total, sim, reg = _loss_terms(settings, fixed_level, moving_level, u_level, mask_level)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}")
+                raise FloatingPointError(
+                    f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}"
+                )
             total.backward()
             optimizer.step()
             schedule.step()
@@ -318,11 +328,19 @@ def optimize_field(
     ``levels`` overrides ``settings.levels`` (refinement after a learned prediction uses 1).
     """
     shapes = pyramid_shapes(fixed.shape[2:], levels or settings.levels)
+    smoothing = 0.0 if settings.optimizer == "greedy" else settings.field_smoothing  # greedy smooths each step
+
+    def make_field(base: torch.Tensor) -> DenseField:
+        control = None
+        if settings.control_spacing > 1:
+            full = fixed.shape[2:]
+            control = [min(n, math.ceil(m / settings.control_spacing) + 1) for n, m in zip(base.shape[2:], full)]
+        return DenseField(base, smoothing, control)
+
     return run_pyramid(
         fixed,
         moving,
-        # greedy steps smooth each update inside the optimiser, not the accumulated field
-        lambda base: DenseField(base, 0.0 if settings.optimizer == "greedy" else settings.field_smoothing),
+        make_field,
         settings,
         shapes,
         initial=initial,
@@ -356,10 +374,11 @@ def optimize_cnn(
             "use instance mode for such small images or raise --max-cnn-voxels"
         )
     shapes = [s for s in pyramid_shapes(working, settings.levels) if min(s) >= smallest] or [working]
+    coarsest = shapes[0]
     u = run_pyramid(
         fixed,
         moving,
-        lambda base: CNNField(network, base),
+        lambda base: CNNField(network, [n / c for n, c in zip(base.shape[2:], coarsest)]),
         settings,
         shapes,
         mask=mask,

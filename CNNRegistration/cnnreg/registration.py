@@ -77,6 +77,8 @@ class RegistrationSettings:
             raise InputError(f"the phantom-mode U-Net needs at least 1 feature, got {opt.features}")
         if opt.window < 1 or opt.window % 2 == 0:
             raise InputError(f"LNCC window must be a positive odd number of voxels, got {opt.window}")
+        if opt.control_spacing < 1:
+            raise InputError(f"control spacing must be >= 1 voxel, got {opt.control_spacing}")
         if opt.weight < 0 or opt.jacobian_weight < 0:
             raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
         iterations = [opt.iterations] if isinstance(opt.iterations, int) else list(opt.iterations)
@@ -167,7 +169,9 @@ def register(
         im.check_labels(moving_labels, moving)
     if fixed_mask is not None:
         if not im.same_grid(fixed_mask, fixed):
-            raise InputError(f"fixed mask is not on the fixed image grid (mask size {fixed_mask.GetSize()}, fixed {fixed.GetSize()})")
+            raise InputError(
+                f"fixed mask is not on the fixed image grid (mask size {fixed_mask.GetSize()}, fixed {fixed.GetSize()})"
+            )
         if not np.any(sitk.GetArrayViewFromImage(fixed_mask)):
             raise InputError("fixed mask is empty (no voxel is inside it)")
 
@@ -180,7 +184,9 @@ def register(
     fixed_array = im.normalize(im.to_array(fixed), settings.normalization)
     moving_array = im.normalize(im.to_array(moving_on_fixed), settings.normalization)
     if float(moving_array.max()) == float(moving_array.min()):
-        raise InputError("moving image does not overlap the fixed image: it is constant once resampled onto the fixed grid")
+        raise InputError(
+            "moving image does not overlap the fixed image: it is constant once resampled onto the fixed grid"
+        )
 
     fixed_t = _to_tensor(fixed_array, device)
     moving_t = _to_tensor(moving_array, device)
@@ -193,7 +199,9 @@ def register(
             return float(similarity_value(opt.similarity, fixed_t, warped_t, mask_t, **options))
 
     before = measure(moving_t)
-    with out_of_memory_as_device_error(device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"):
+    with out_of_memory_as_device_error(
+        device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
+    ):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
         after = measure(warp(moving_t, u, padding="zeros"))  # zeros outside, as in warped.nii.gz
     elapsed = time.perf_counter() - start
@@ -203,7 +211,9 @@ def register(
     warped = im.apply_displacement(moving, field_image, reference=fixed)
     warped_labels = None
     if moving_labels is not None:
-        warped_labels = im.apply_displacement(moving_labels, field_image, reference=fixed, interpolation=Interpolation.NEAREST)
+        warped_labels = im.apply_displacement(
+            moving_labels, field_image, reference=fixed, interpolation=Interpolation.NEAREST
+        )
     determinant = jacobian_determinant(u_cpu)[0].numpy().astype(np.float32)
     jacobian_image = im.array_to_image(determinant, fixed)
 
@@ -248,7 +258,9 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: Seq
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"output path {out_dir} exists and is a file, not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise InputError(f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite")
+        raise InputError(
+            f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite"
+        )
     outputs = {os.path.join(out_dir, name) for name in OUTPUT_FILES.values()}
     for path in inputs:
         if path and os.path.abspath(path) in outputs:

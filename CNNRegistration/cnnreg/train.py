@@ -159,7 +159,9 @@ class TrainSettings:
             raise InputError(f"window must be a positive odd number of voxels, got {self.window}")
         if self.working_shape is not None:
             if ndim is not None and len(self.working_shape) != ndim:
-                raise InputError(f"working_shape {list(self.working_shape)} has {len(self.working_shape)} axes but the images are {ndim}D")
+                raise InputError(
+                    f"working_shape {list(self.working_shape)} has {len(self.working_shape)} axes but the images are {ndim}D"
+                )
             if min(self.working_shape) < 8:
                 raise InputError(f"working_shape {list(self.working_shape)} is too small (at least 8 voxels per axis)")
 
@@ -276,7 +278,9 @@ def make_sample(
     image = resize_image(torch.from_numpy(np.ascontiguousarray(array))[None, None], working_shape)[0]
     label_tensor = None
     if labels is not None:
-        label_tensor = resize_labels(torch.from_numpy(np.asarray(labels, dtype=np.float32))[None, None], working_shape)[0]
+        label_tensor = resize_labels(torch.from_numpy(np.asarray(labels, dtype=np.float32))[None, None], working_shape)[
+            0
+        ]
     return Sample(name, image.float(), label_tensor, label_space if labels is not None else None, group)
 
 
@@ -311,7 +315,9 @@ def load_samples(
     """Read images (and label maps on their grids) and resample them to the working shape."""
     label_paths = list(label_paths or [])
     if label_paths and len(label_paths) != len(image_paths):
-        raise InputError(f"{len(image_paths)} images but {len(label_paths)} label maps; give one label map per image, in order")
+        raise InputError(
+            f"{len(image_paths)} images but {len(label_paths)} label maps; give one label map per image, in order"
+        )
     samples = []
     for index, path in enumerate(image_paths):
         image = im.read_image(path, "training image")
@@ -319,7 +325,9 @@ def load_samples(
         if ndim is None:
             ndim = array.ndim
         if array.ndim != ndim:
-            raise InputError(f"training image {path} is {array.ndim}D but the others are {ndim}D; train 2D and 3D models separately")
+            raise InputError(
+                f"training image {path} is {array.ndim}D but the others are {ndim}D; train 2D and 3D models separately"
+            )
         labels = None
         if label_paths:
             import SimpleITK as sitk
@@ -330,7 +338,9 @@ def load_samples(
             label_image = sitk.ReadImage(label_path)
             im.check_labels(label_image, image, f"labels {label_path}")
             labels = im.to_array(label_image)
-        samples.append(make_sample(Path(path).name, array, settings.shape_for(ndim), settings.normalization, labels, label_space))
+        samples.append(
+            make_sample(Path(path).name, array, settings.shape_for(ndim), settings.normalization, labels, label_space)
+        )
     return samples
 
 
@@ -506,7 +516,12 @@ def build_training_network(settings: TrainSettings, ndim: int) -> nn.Module:
     try:
         if not settings.refine:
             return build_network(name, config)
-        refiner = {"ndim": ndim, "in_channels": 2 + ndim, "diffeomorphic": settings.diffeomorphic, **settings.refine_network}
+        refiner = {
+            "ndim": ndim,
+            "in_channels": 2 + ndim,
+            "diffeomorphic": settings.diffeomorphic,
+            **settings.refine_network,
+        }
         return CascadeNet({"architecture": name, "config": config}, {"architecture": "FAIMNet", "config": refiner})
     except (TypeError, ValueError, KeyError) as error:
         raise InputError(f"cannot build the {settings.architecture} network from {config}: {error}") from None
@@ -643,7 +658,9 @@ def train(
     optimizer_states = None
     if resume is not None:
         checkpoint = load_checkpoint(resume, expected_ndim=ndim)
-        if checkpoint.architecture != type(network).__name__ or plain(checkpoint.network.config) != plain(network.config):
+        if checkpoint.architecture != type(network).__name__ or plain(checkpoint.network.config) != plain(
+            network.config
+        ):
             raise InputError(
                 f"cannot resume from {resume}: it holds {checkpoint.architecture} {plain(checkpoint.network.config)} "
                 f"but the settings build {type(network).__name__} {plain(network.config)}"
@@ -657,7 +674,9 @@ def train(
     groups = {"base": network.base if parts.is_cascade else network}
     if parts.is_cascade:
         groups["refine"] = network.refiner
-    optimizers = {name: torch.optim.Adam(module.parameters(), lr=settings.learning_rate) for name, module in groups.items()}
+    optimizers = {
+        name: torch.optim.Adam(module.parameters(), lr=settings.learning_rate) for name, module in groups.items()
+    }
     if optimizer_states:
         for name, state in optimizer_states.items():
             if name in optimizers:
@@ -705,7 +724,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss, terms = training_step(parts, batch, settings, phase)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}")
+                raise FloatingPointError(
+                    f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}"
+                )
             loss.backward()
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(groups[phase].parameters(), settings.grad_clip)
@@ -856,13 +877,21 @@ def _shape(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", nargs="+", help="training images: folders, list files (.txt, one path a line) or files")
+    parser.add_argument(
+        "--images", nargs="+", help="training images: folders, list files (.txt, one path a line) or files"
+    )
     parser.add_argument("--labels", nargs="+", help="label maps, one per training image in the same order (optional)")
-    parser.add_argument("--val-images", nargs="+", help="held-out validation images (default: hold out some training images)")
+    parser.add_argument(
+        "--val-images", nargs="+", help="held-out validation images (default: hold out some training images)"
+    )
     parser.add_argument("--val-labels", nargs="+", help="label maps of the validation images")
     parser.add_argument("--config", help="JSON (or YAML with PyYAML) file of training settings; flags override it")
-    parser.add_argument("--out", required=True, help="best checkpoint (.pt); <stem>.last.pt and <stem>_curve.png go next to it")
-    parser.add_argument("--resume", nargs="?", const="auto", help="continue from <stem>.last.pt (or the given checkpoint)")
+    parser.add_argument(
+        "--out", required=True, help="best checkpoint (.pt); <stem>.last.pt and <stem>_curve.png go next to it"
+    )
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", help="continue from <stem>.last.pt (or the given checkpoint)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     parser.add_argument("--architecture", choices=["faim", "voxelmorph"])
     parser.add_argument("--diffeomorphic", action=argparse.BooleanOptionalAction, default=None)
@@ -874,8 +903,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight", type=float, help="regularizer weight")
     parser.add_argument("--jacobian-weight", type=float)
     parser.add_argument("--dice-weight", type=float)
-    parser.add_argument("--cycle", action=argparse.BooleanOptionalAction, default=None, help="cycle-consistent training")
-    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help="alternating refinement module")
+    parser.add_argument(
+        "--cycle", action=argparse.BooleanOptionalAction, default=None, help="cycle-consistent training"
+    )
+    parser.add_argument(
+        "--refine", action=argparse.BooleanOptionalAction, default=None, help="alternating refinement module"
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--batch-size", type=int, help="pairs per step and process")
@@ -904,7 +937,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(settings, key, value)
     if not data["images"]:
-        raise InputError("no training images: pass --images DIR_OR_LIST or put \"images\" in the config")
+        raise InputError('no training images: pass --images DIR_OR_LIST or put "images" in the config')
     paths = output_paths(args.out)
     resume = None
     if args.resume:

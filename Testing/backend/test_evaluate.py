@@ -25,6 +25,7 @@ from cnnreg.evaluate import (
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
+    surface_distance_per_label,
     target_registration_error,
 )
 
@@ -117,6 +118,10 @@ def test_hd95_of_shifted_cubes_with_anisotropic_spacing(axis, expected):
     a = cube(start=(3, 3, 3))
     b = cube(start=tuple(start_b))
     assert hd95_per_label(a, b, spacing=SPACING) == {1: pytest.approx(expected)}
+    # ASSD: (16 * 2s + 12 * s + 4 * 1.0) / 56 per direction, the same both ways
+    s = expected / 2
+    assd = surface_distance_per_label(a, b, spacing=SPACING)[1]["assd"]
+    assert assd == pytest.approx((32 * s + 12 * s + 4 * 1.0) / 56)
     # images: spacing from the image; an oblique direction does not change distances
     assert hd95_per_label(as_image(a, direction=OBLIQUE), as_image(b, direction=OBLIQUE)) == {
         1: pytest.approx(expected)
@@ -263,6 +268,7 @@ def test_evaluate_registration_and_table(tmp_path):
     metrics = evaluate_registration(as_image(a), as_image(b), field=field, true_field=truth, label_names={1: "cube"})
     assert metrics["dice"] == {1: pytest.approx(0.5)}
     assert metrics["hd95"] == {1: pytest.approx(3.0)}
+    assert metrics["assd_mean"] == pytest.approx((32 * 1.5 + 12 * 1.5 + 4 * 1.0) / 56)
     assert metrics["folding_percent"] == 0.0
     assert metrics["tre"]["mean"] == pytest.approx(3.0)
     rows = [{"case": "cubes", "method": "none", **metrics}, {"case": "cubes", "method": "x", "dice_mean": math.nan}]

@@ -120,7 +120,10 @@ def test_diffeomorphic_network_integrates_its_raw_output():
 
 def test_cascade_starts_at_the_base_field_and_refines_with_a_residual():
     base = {"architecture": "FAIMNet", "config": {"ndim": 2}}
-    refiner = {"architecture": "FAIMNet", "config": {"ndim": 2, "in_channels": 4, "filters": 4, "features": 16, "levels": 2}}
+    refiner = {
+        "architecture": "FAIMNet",
+        "config": {"ndim": 2, "in_channels": 4, "filters": 4, "features": 16, "levels": 2},
+    }
     cascade = CascadeNet(base, refiner)
     _perturb(cascade.base)
     pair = _pair((24, 24))
@@ -139,7 +142,11 @@ def _networks(ndim):
     return [
         _perturb(FAIMNet(ndim)),
         _perturb(VoxelMorphNet(ndim, diffeomorphic=True)),
-        _perturb(CascadeNet({"architecture": "FAIMNet", "config": {"ndim": ndim}}, {"architecture": "FAIMNet", "config": refiner})),
+        _perturb(
+            CascadeNet(
+                {"architecture": "FAIMNet", "config": {"ndim": ndim}}, {"architecture": "FAIMNet", "config": refiner}
+            )
+        ),
     ]
 
 
@@ -150,7 +157,11 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, ndim):
     for index, network in enumerate(_networks(ndim)):
         network.eval()
         path = tmp_path / f"model{index}.pt"
-        sha = save_checkpoint(path, network, {"working_shape": shape, "normalization": "max", "training": {"epochs": 3, "dice": np.float32(0.5)}})
+        sha = save_checkpoint(
+            path,
+            network,
+            {"working_shape": shape, "normalization": "max", "training": {"epochs": 3, "dice": np.float32(0.5)}},
+        )
         assert (tmp_path / f"model{index}.pt.sha256").read_text().split()[0] == sha == file_sha256(path)
         loaded = load_checkpoint(path, expected_ndim=ndim)
         assert loaded.architecture == type(network).__name__
@@ -198,8 +209,12 @@ def test_checkpoint_errors_are_input_errors_with_clear_messages(tmp_path):
         load_checkpoint(foreign)
 
     pickled = tmp_path / "pickled.pt"
-    torch.save({"architecture": "FAIMNet", "config": {}, "state_dict": {}, "ndim": 2, "x": fractions.Fraction(1, 3)}, pickled)
-    with pytest.raises(InputError, match=r"weights_only=True\) refused it \(it pickles the Python object fractions.Fraction\)"):
+    torch.save(
+        {"architecture": "FAIMNet", "config": {}, "state_dict": {}, "ndim": 2, "x": fractions.Fraction(1, 3)}, pickled
+    )
+    with pytest.raises(
+        InputError, match=r"weights_only=True\) refused it \(it pickles the Python object fractions.Fraction\)"
+    ):
         load_checkpoint(pickled)
 
 

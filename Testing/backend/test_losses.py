@@ -29,7 +29,9 @@ def _brute_force_box(x: np.ndarray, window: int) -> np.ndarray:
     out = np.zeros_like(x)
     for index in itertools.product(*[range(n) for n in x.shape[2:]]):
         box = tuple(slice(max(i - radius, 0), i + radius + 1) for i in index)
-        out[(slice(None), slice(None), *index)] = x[(slice(None), slice(None), *box)].mean(axis=tuple(range(2, 2 + ndim)))
+        out[(slice(None), slice(None), *index)] = x[(slice(None), slice(None), *box)].mean(
+            axis=tuple(range(2, 2 + ndim))
+        )
     return out
 
 
@@ -56,7 +58,9 @@ def test_box_filter_hand_value_at_a_corner():
     assert abs(float(out[0, 0, 0, 2]) - 2.0) < 1e-12
     assert abs(float(out[0, 0, 4, 4]) - 3.5) < 1e-12
     # constants stay constant up to the border (no zero padding)
-    assert torch.allclose(losses.box_filter(torch.ones(1, 1, 5, 5, dtype=torch.float64), 3), torch.ones(1, 1, 5, 5, dtype=torch.float64))
+    assert torch.allclose(
+        losses.box_filter(torch.ones(1, 1, 5, 5, dtype=torch.float64), 3), torch.ones(1, 1, 5, 5, dtype=torch.float64)
+    )
 
 
 # --------------------------------------------------------------------------------------

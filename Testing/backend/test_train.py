@@ -65,7 +65,11 @@ def _slices(mni: np.ndarray, count: int, labels: bool = True) -> list[Sample]:
     samples = []
     for index in range(count):
         plane = mni[:, :, 40 + 6 * index]
-        samples.append(make_sample(f"slice{index}", plane, (32, 32), labels=_tissue_labels(plane) if labels else None, label_space="tissue"))
+        samples.append(
+            make_sample(
+                f"slice{index}", plane, (32, 32), labels=_tissue_labels(plane) if labels else None, label_space="tissue"
+            )
+        )
     index_labels(samples)
     return samples
 
@@ -123,7 +127,12 @@ def test_pair_sampler_makes_self_and_cross_pairs_with_labels(mni):
     assert len(pairs) == 3 + 3 * 2
     assert all(p.fixed_labels is not None for p in pairs)
     with_training = validation_pairs(samples[:1], settings, pairs_per_image=1, others=samples[1:])
-    assert [p.names[0] for p in with_training[1:]] == ["slice1->slice0", "slice0->slice1", "slice2->slice0", "slice0->slice2"]
+    assert [p.names[0] for p in with_training[1:]] == [
+        "slice1->slice0",
+        "slice0->slice1",
+        "slice2->slice0",
+        "slice0->slice2",
+    ]
 
 
 def test_deform_moves_labels_with_the_image(mni):
@@ -183,7 +192,9 @@ def test_cycle_dice_and_refinement_steps(mni):
     assert all(p.grad is not None for p in network.parameters())
 
     refiner = {"ndim": 2, "in_channels": 4, "filters": 4, "features": 16, "levels": 2}
-    cascade = CascadeNet({"architecture": "FAIMNet", "config": {"ndim": 2}}, {"architecture": "FAIMNet", "config": refiner})
+    cascade = CascadeNet(
+        {"architecture": "FAIMNet", "config": {"ndim": 2}}, {"architecture": "FAIMNet", "config": refiner}
+    )
     _perturb_head(cascade)
     parts = wrap_parallel(cascade, Distributed(), torch.device("cpu"))
     loss, _ = training_step(parts, batch, TrainSettings(), phase="refine")
@@ -289,7 +300,9 @@ def _ddp_worker(rank: int, folder: str, port: int) -> None:
     from cnnreg.train import init_distributed
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     info, device = init_distributed("cpu")
     assert info.enabled and info.world_size == 2 and dist.get_backend() == "gloo"
     batch = torch.load(os.path.join(folder, "batch.pt"))
