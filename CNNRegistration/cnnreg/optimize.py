@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .conventions import Regularizer, Similarity
-from .errors import CancelledError, InputError
+from .errors import InputError
 from .losses import similarity_loss, similarity_options
 from .networks import UNet
 from .regularizers import negative_jacobian, regularization
@@ -386,9 +386,3 @@ def optimize_cnn(
         learning_rate=settings.learning_rate or CNNField.default_learning_rate,
     )
     return resize_field(u, fixed.shape[2:])
-
-
-def check_cancel(cancel: Callable[[], bool] | None) -> None:
-    """Raise CancelledError when ``cancel()`` says so (for callers polling a flag)."""
-    if cancel is not None and cancel():
-        raise CancelledError("registration cancelled")
