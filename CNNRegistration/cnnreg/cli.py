@@ -21,9 +21,13 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
 from .errors import CancelledError, CnnregError, DeviceError, InputError
+
+if TYPE_CHECKING:
+    from .registration import RegistrationSettings
 
 EXIT_INPUT, EXIT_DEVICE, EXIT_NUMERIC, EXIT_CANCELLED = 2, 3, 4, 130
 
@@ -81,6 +85,14 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-mask", help="mask on the fixed grid restricting the similarity")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs in an existing non-empty folder")
+    add_method_arguments(parser)
+    parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The registration method's options (mode, loss, schedule, device...), shared by every
+    command that registers images (``register``, ``atlas``); read back with :func:`settings_from_args`."""
     parser.add_argument("--mode", default=Mode.PHANTOM.value, choices=choices(Mode))
     parser.add_argument("--similarity", default=Similarity.LNCC.value, choices=choices(Similarity))
     parser.add_argument("--regularizer", default=Regularizer.DIFFUSION.value, choices=choices(Regularizer))
@@ -111,32 +123,18 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
-    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
 
 
 def _default_iterations(mode: str) -> list[int]:
     return [200, 100, 50] if mode == Mode.PHANTOM.value else [100, 60, 40]
 
 
-def _run_register(args: argparse.Namespace) -> int:
-    from . import image as im
+def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
+    """:class:`cnnreg.registration.RegistrationSettings` from the options of :func:`add_method_arguments`."""
     from .optimize import OptimizationSettings
-    from .registration import RegistrationSettings, check_output_folder, register, write_result
+    from .registration import RegistrationSettings
 
-    report = ProgressReporter(args.progress)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    out_dir = check_output_folder(
-        args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
-    )
-    fixed = im.read_image(args.fixed, "fixed image")
-    moving = im.read_image(args.moving, "moving image")
-    labels = im.read_image(args.moving_labels, "moving labels", allow_constant=True) if args.moving_labels else None
-    mask = im.read_image(args.fixed_mask, "fixed mask", allow_constant=True) if args.fixed_mask else None
-    settings = RegistrationSettings(
+    return RegistrationSettings(
         mode=args.mode,
         optimization=OptimizationSettings(
             similarity=args.similarity,
@@ -160,6 +158,30 @@ def _run_register(args: argparse.Namespace) -> int:
         model=args.model,
         refine_iterations=args.refine_iterations,
     )
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (CPU threads for torch) when given."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from . import image as im
+    from .registration import check_output_folder, register, write_result
+
+    report = ProgressReporter(args.progress)
+    set_threads(args)
+    out_dir = check_output_folder(
+        args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
+    )
+    fixed = im.read_image(args.fixed, "fixed image")
+    moving = im.read_image(args.moving, "moving image")
+    labels = im.read_image(args.moving_labels, "moving labels", allow_constant=True) if args.moving_labels else None
+    mask = im.read_image(args.fixed_mask, "fixed mask", allow_constant=True) if args.fixed_mask else None
+    settings = settings_from_args(args)
     from .device import describe_device, resolve_device
 
     device = describe_device(resolve_device(args.device))

@@ -393,6 +393,56 @@ def folding_percent(field: sitk.Image, mask=None) -> float:
     return float(100.0 * np.count_nonzero(determinant <= 0) / determinant.size)
 
 
+#: ``det J`` is clipped to this range before the log in SDlogJ (as :func:`cnnreg.jacobian.sdlogj`)
+SDLOGJ_CLIP = (1e-9, 1e9)
+
+
+def jacobian_statistics(field: sitk.Image, mask=None) -> dict[str, float]:
+    """Folding, extreme Jacobian determinants and SDlogJ of an ITK displacement field.
+
+    ``det J`` is that of :func:`jacobian_determinant` (the mapping ``x -> x + d(x)``, spacing
+    and direction taken into account).  SDlogJ is the population standard deviation of
+    ``log(clip(det J, 1e-9, 1e9))``, exactly as :func:`cnnreg.jacobian.sdlogj`, so folded
+    voxels count as ``log(1e-9)`` rather than being dropped.
+
+    Args:
+        field: ITK displacement field (vector image, LPS mm), 2D or 3D.
+        mask: optional region, sitk.Image on the field grid or array ``(D, H, W)``/``(H, W)``
+            in SimpleITK order (non-zero = evaluate).
+
+    Returns:
+        ``{"folding_percent": % of voxels with det J <= 0, "min_jacobian", "max_jacobian",
+        "sdlogj"}`` (dimensionless) and ``"voxels"`` (count evaluated).
+    """
+    determinant = jacobian_determinant(field)
+    if mask is not None:
+        determinant = determinant[_mask_array(mask, field)]
+    determinant = determinant.ravel()
+    log_det = np.log(np.clip(determinant, *SDLOGJ_CLIP))
+    return {
+        "folding_percent": float(100.0 * np.count_nonzero(determinant <= 0) / determinant.size),
+        "min_jacobian": float(determinant.min()),
+        "max_jacobian": float(determinant.max()),
+        "sdlogj": float(log_det.std()),
+        "voxels": int(determinant.size),
+    }
+
+
+def label_set_difference(fixed_labels, warped_labels) -> dict[str, list[int]]:
+    """Non-zero labels present in only one of two label maps (arrays or sitk.Image, any shapes).
+
+    Returns:
+        ``{"only_in_fixed": [...], "only_in_warped": [...]}``, ascending.  These are the labels
+        that :func:`dice_per_label` and :func:`surface_distance_per_label` leave out by default.
+    """
+    present_fixed = _present_labels(_label_array(fixed_labels, "fixed labels"))
+    present_warped = _present_labels(_label_array(warped_labels, "warped labels"))
+    return {
+        "only_in_fixed": sorted(present_fixed - present_warped),
+        "only_in_warped": sorted(present_warped - present_fixed),
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # putting it together
 # ---------------------------------------------------------------------------------------
@@ -426,8 +476,9 @@ def evaluate_registration(
 
     Returns:
         ``{"dice": {label: v}, "dice_mean": v, "hd95": {label: mm}, "hd95_mean": mm,
-        "assd": {label: mm}, "assd_mean": mm, "folding_percent": %, "tre": {...} or None,
-        "label_names": {...}}``.
+        "assd": {label: mm}, "assd_mean": mm, "folding_percent": %, "min_jacobian": v,
+        "max_jacobian": v, "sdlogj": v, "tre": {...} or None, "label_names": {...}}``; the
+        field metrics (see :func:`jacobian_statistics`) are None without a field.
     """
     dice = dice_per_label(fixed_labels, warped_labels, labels)
     result = {
@@ -438,6 +489,9 @@ def evaluate_registration(
         "assd": None,
         "assd_mean": None,
         "folding_percent": None,
+        "min_jacobian": None,
+        "max_jacobian": None,
+        "sdlogj": None,
         "tre": None,
         "label_names": {int(k): str(v) for k, v in (label_names or {}).items()},
     }
@@ -448,7 +502,9 @@ def evaluate_registration(
         result["assd"] = {label: d["assd"] for label, d in distances.items()}
         result["assd_mean"] = _finite_mean(result["assd"].values())
     if field is not None:
-        result["folding_percent"] = folding_percent(field, mask)
+        statistics = jacobian_statistics(field, mask)
+        for key in ("folding_percent", "min_jacobian", "max_jacobian", "sdlogj"):
+            result[key] = statistics[key]
         if true_field is not None:
             result["tre"] = target_registration_error(field, true_field, mask)
     return result
