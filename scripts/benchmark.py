@@ -2,7 +2,7 @@
 """Benchmark: our registration configurations vs SimpleITK demons, ANTs SyN and elastix,
 on the same prepared cases, in the same run.
 
-    scripts/benchmark                                   # mni2mm, every method
+    scripts/benchmark                                   # every case, every method
     scripts/benchmark --cases mni2mm,itk_t1,2d --quick  # smoke test (few iterations)
     scripts/benchmark --methods demons,phantom-lncc     # a subset
     scripts/benchmark --rerun-peers                     # ignore cached peer results
@@ -12,7 +12,9 @@ into ``benchmark/cases/``), run every method in its own child process with the s
 budget (``scripts/peers.py``), evaluate with :mod:`cnnreg.evaluate` (Dice per structure and
 mean, HD95, folding %, TRE against the known field, wall time, peak memory) and write
 ``benchmark/results.md`` (tables + time/memory ratios of each of our configurations vs each
-peer), ``benchmark/results.json``, ``benchmark/results.csv`` and ``benchmark/qc_<case>.png``.
+peer), ``benchmark/results.json``, ``benchmark/results.csv``, ``benchmark/qc_<case>.png`` and
+``benchmark/dice_<case>.png`` (Dice per structure, one box per method); the reports are
+rewritten after every case, so an interrupted run keeps the cases it finished.
 
 Peer results are cached per case, seed and quick flag in ``benchmark/cache/`` (ANTs SyN takes
 minutes on 2 cores); our configurations always run.
@@ -72,7 +74,7 @@ OUR_CONFIGS: dict[str, list[str]] = {
 QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]
 #: appended to every configuration always (peers get the same thread budget)
 COMMON_ARGS: list[str] = ["--device", "cpu", "--no-qc", "--overwrite"]
-DEFAULT_CASES = ["mni2mm"]
+DEFAULT_CASES = ["mni2mm", "colin1mm", "itk_t1", "2d", "mni_colin"]
 THREADS = 2
 
 BENCHMARK = ROOT / "benchmark"
@@ -273,6 +275,8 @@ def markdown(results: dict) -> str:
                         f"{_fmt(ratio('wall_s'), 2)} | {_fmt(ratio('peak_rss_mib'), 2)} | {delta:+.3f} |"
                     )
             lines.append("")
+        if block.get("dice_figure"):
+            lines += [f"![Dice {case}]({Path(block['dice_figure']).name})", ""]
         if block.get("figure"):
             lines += [f"![QC {case}]({Path(block['figure']).name})", ""]
     lines += ["## Method settings", ""]
@@ -334,6 +338,59 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
     return str(path)
 
 
+def dice_plot(case: str, rows: list[dict], path: Path) -> str | None:
+    """Box plot of the per-structure Dice of every evaluated method (one box per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if (r.get("metrics") or {}).get("dice")]
+    if not shown:
+        return None
+    values = [[v for v in r["metrics"]["dice"].values() if v is not None and np.isfinite(v)] for r in shown]
+    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(shown), 3.6))
+    axis.boxplot(values, widths=0.6, showfliers=False)
+    for x, data in enumerate(values, start=1):
+        jitter = np.random.default_rng(x).uniform(-0.15, 0.15, len(data))
+        axis.plot(np.full(len(data), x) + jitter, data, ".", markersize=3, alpha=0.6, color="tab:blue")
+    axis.set_xticks(range(1, len(shown) + 1), [r["method"] for r in shown], rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel("Dice per structure")
+    axis.set_title(f"{case}: Dice of each labelled structure", fontsize=10)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return str(path)
+
+
+def write_reports(results: dict, report: Path) -> None:
+    """results.json (paths relative to the checkout), results.csv and results.md."""
+    stored = json.loads(json.dumps(results, default=str))
+    for block in stored["cases"].values():
+        for row in block["rows"]:
+            row["files"] = {key: _relative(path) for key, path in row.get("files", {}).items()}
+        for key in ("figure", "dice_figure"):
+            block[key] = _relative(block[key]) if block.get(key) else None
+    evaluate.write_json(stored, report / "results.json")
+    table_rows = [
+        {
+            "case": case,
+            "method": row["method"],
+            "status": row.get("status"),
+            "wall_s": row.get("wall_s"),
+            "registration_s": row.get("registration_s"),
+            "peak_rss_mib": row.get("peak_rss_mib"),
+            **(row.get("metrics") or {}),
+        }
+        for case, block in stored["cases"].items()
+        for row in block["rows"]
+    ]
+    evaluate.evaluation_table(table_rows, csv_path=report / "results.csv")
+    (report / "results.md").write_text(markdown(stored))
+    print(f"wrote {report / 'results.md'}, results.json, results.csv", flush=True)
+
+
 def _relative(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(ROOT))
@@ -372,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = [Path(p) for r in block["rows"] for p in r["files"].values()]
             if case_dir.exists() and all(p.exists() for p in files):
                 block["figure"] = qc_figure(case, case_dir, block["rows"], report / f"qc_{case}.png")
+                block["dice_figure"] = dice_plot(case, block["rows"], report / f"dice_{case}.png")
         (report / "results.md").write_text(markdown(results))
         print(f"wrote {report / 'results.md'}")
         return 0
@@ -421,28 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         print(f"[{case}] evaluated in {time.perf_counter() - started:.1f} s", flush=True)
         figure = qc_figure(case, case_dir, rows, report / f"qc_{case}.png")
-        results["cases"][case] = {"info": info, "rows": rows, "figure": figure}
-    for block in results["cases"].values():  # paths in results.json: relative to the checkout
-        for row in block["rows"]:
-            row["files"] = {key: _relative(path) for key, path in row.get("files", {}).items()}
-        block["figure"] = _relative(block["figure"]) if block.get("figure") else None
-    evaluate.write_json(results, report / "results.json")
-    table_rows = [
-        {
-            "case": case,
-            "method": row["method"],
-            "status": row.get("status"),
-            "wall_s": row.get("wall_s"),
-            "registration_s": row.get("registration_s"),
-            "peak_rss_mib": row.get("peak_rss_mib"),
-            **(row.get("metrics") or {}),
-        }
-        for case, block in results["cases"].items()
-        for row in block["rows"]
-    ]
-    evaluate.evaluation_table(table_rows, csv_path=report / "results.csv")
-    (report / "results.md").write_text(markdown(results))
-    print(f"wrote {report / 'results.md'}, results.json, results.csv", flush=True)
+        dice_figure = dice_plot(case, rows, report / f"dice_{case}.png")
+        results["cases"][case] = {"info": info, "rows": rows, "figure": figure, "dice_figure": dice_figure}
+        write_reports(results, report)
     return 0
 
 
