@@ -4,8 +4,9 @@ XCAT-to-CT example, whose reference code needed ~16 GB of GPU memory).
 
 Builds the pair from the MNI152 1 mm template (nilearn; resampled to 160x192x224 voxels of
 1 mm, moving = a smooth random warp of it), runs ``cnnreg register --mode phantom`` in a
-child process per device, and prints a Markdown table: wall time, peak RSS of the child
-(CPU) and ``torch.cuda.max_memory_allocated`` (CUDA).
+child process per device, and prints a Markdown table: wall time, CPU time (user + system;
+less sensitive than wall time to other work on a shared machine), peak RSS of the child (CPU)
+and ``torch.cuda.max_memory_allocated`` (CUDA).
 
     python scripts/benchmark_memory.py [--iterations 20,10,5] [--devices cpu,cuda] [--out benchmark/memory]
 """
@@ -41,9 +42,12 @@ if torch.cuda.is_available():
 start = time.perf_counter()
 code = main({argv!r})
 seconds = time.perf_counter() - start
-peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu_seconds = usage.ru_utime + usage.ru_stime
+peak_rss = usage.ru_maxrss / 2**20  # KiB -> GiB
 cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-print("RESULT " + json.dumps({{"code": code, "seconds": seconds, "peak_rss_gib": peak_rss, "cuda_peak_gib": cuda}}))
+print("RESULT " + json.dumps({{"code": code, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": peak_rss,
+                             "cuda_peak_gib": cuda}}))
 """
 
 
@@ -140,16 +144,18 @@ def main() -> int:
     lines = [
         f"Phantom mode on {SIZE[0]}x{SIZE[1]}x{SIZE[2]} (MNI152 1 mm, smooth warp <= 6 voxels), iterations {args.iterations}",
         "",
-        "| device | wall time (s) | peak RSS (GiB) | peak CUDA memory (GiB) | LNCC before -> after | folding % |",
-        "|---|---|---|---|---|---|",
+        "| device | wall time (s) | CPU time (s) | peak RSS (GiB) | peak CUDA memory (GiB) | LNCC before -> after "
+        "| folding % |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['device']} | not run: {row['error']} | | | | |")
+            lines.append(f"| {row['device']} | not run: {row['error']} | | | | | |")
             continue
         cuda = f"{row['cuda_peak_gib']:.2f}" if row.get("cuda_peak_gib") is not None else "-"
         lines.append(
-            f"| {row['device']} | {row['wall_seconds']:.1f} | {row['peak_rss_gib']:.2f} | {cuda} | "
+            f"| {row['device']} | {row['wall_seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+            f"{row['peak_rss_gib']:.2f} | {cuda} | "
             f"{row['similarity_before']:.3f} -> {row['similarity_after']:.3f} | {row['folding_percent']:.4f} |"
         )
     text = "\n".join(lines) + "\n"

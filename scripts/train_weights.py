@@ -66,7 +66,8 @@ from cnnreg import image as im  # noqa: E402
 from cnnreg.augment import AugmentSettings  # noqa: E402
 from cnnreg.checkpoint import file_sha256, load_checkpoint, plain, write_manifest, write_sidecar  # noqa: E402
 from cnnreg.cli import ProgressReporter  # noqa: E402
-from cnnreg.train import TrainSettings, index_labels, make_sample, output_paths, train  # noqa: E402
+from cnnreg.dataset import index_labels, make_sample  # noqa: E402
+from cnnreg.train import TrainSettings, output_paths, train  # noqa: E402
 
 DEFAULT_OUT = ROOT / "Resources" / "Models"
 ITK_T1 = cases.ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"

@@ -564,9 +564,9 @@ def _bar_event(event: dict) -> dict | None:
 
 def run(args: argparse.Namespace) -> int:
     from .cli import ProgressReporter, set_threads, settings_from_args
+    from .dataset import expand_paths
     from .device import describe_device, resolve_device
     from .registration import check_output_folder
-    from .train import expand_paths
 
     image_paths = expand_paths(args.images)
     label_paths = expand_paths(args.labels) if args.labels else None

@@ -6,6 +6,7 @@ the file (or role) and the problem.  Arrays follow :mod:`cnnreg.conventions`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,10 +203,16 @@ def _affine_matrix(transform: sitk.Transform | None, dim: int) -> tuple[np.ndarr
     return matrix, center + translation - matrix @ center
 
 
-def physical_points(image: sitk.Image) -> np.ndarray:
-    """World (LPS) coordinates of every voxel: ``(*array_shape, dim)``, components ``(x, y, z)``."""
+def physical_points(image: sitk.Image, rows: slice | None = None) -> np.ndarray:
+    """World (LPS) coordinates of every voxel: ``(*array_shape, dim)``, components ``(x, y, z)``.
+
+    ``rows``: only the voxels of this slice of the first array axis (``(n_rows, *array_shape[1:], dim)``).
+    """
     shape = sitk.GetArrayViewFromImage(image).shape
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)[..., ::-1]
+    ranges = [np.arange(n) for n in shape]
+    if rows is not None:
+        ranges[0] = ranges[0][rows]
+    index = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1)[..., ::-1]
     matrix = np.asarray(image.GetDirection(), dtype=np.float64).reshape(image.GetDimension(), -1) @ np.diag(
         image.GetSpacing()
     )
@@ -223,28 +230,51 @@ def embed_field(u: np.ndarray, image: sitk.Image) -> np.ndarray:
     return full
 
 
+#: voxels converted at a time by :func:`displacement_image` (bounds its float64 temporaries)
+SLAB_VOXELS = 2**18
+
+
 def displacement_image(u: np.ndarray, fixed: sitk.Image, pre_transform: sitk.Transform | None = None) -> sitk.Image:
     """Voxel displacement on the fixed grid -> ITK displacement field (LPS mm, vector float64).
 
     Args:
-        u: ``(n_work, *S_work)`` voxels of the fixed grid, channels in working-axis order.
+        u: ``(n_work, *S_work)`` voxels of the fixed grid, channels in working-axis order
+            (any float dtype; converted to float64 slab by slab).
         fixed: the fixed image (defines the grid).
         pre_transform: optional affine pre-alignment (fixed -> moving physical); the field
             returned then represents the whole mapping ``x -> A(x + d(x))``.
 
     Returns:
         A ``sitkVectorFloat64`` image on the fixed grid whose vector at ``x`` is the LPS
-        displacement in mm, directly usable by ``sitk.DisplacementFieldTransform``.
+        displacement in mm, directly usable by ``sitk.DisplacementFieldTransform``.  Its values
+        are rounded to float32, the precision of the written file, so that warped images made
+        from this field and from the file agree exactly.
+
+    The conversion runs in float64 on slabs of the first array axis (:data:`SLAB_VOXELS`
+    voxels), so its temporaries stay small whatever the image size; every vector is computed
+    exactly as for the whole grid at once.
     """
     dim = fixed.GetDimension()
-    d = voxel_to_lps(embed_field(u, fixed), fixed.GetSpacing(), fixed.GetDirection())
-    if pre_transform is not None:
-        matrix, offset = _affine_matrix(pre_transform, dim)
-        points = physical_points(fixed)
-        d = (points + d) @ matrix.T + offset - points
-    # rounded to float32, the precision of the written file, so that warped images made from
-    # this field and from the file agree exactly
-    field = sitk.GetImageFromArray(d.astype(np.float32).astype(np.float64), isVector=True)
+    shape = sitk.GetArrayViewFromImage(fixed).shape
+    axes = working_axes(fixed)
+    channels = [np.asarray(u[channel]).reshape(shape) for channel in range(len(axes))]
+    affine = _affine_matrix(pre_transform, dim) if pre_transform is not None else None
+    rounded = np.empty((*shape, dim), dtype=np.float32)
+    step = max(1, SLAB_VOXELS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        full = np.zeros((len(shape), rows.stop - rows.start, *shape[1:]), dtype=np.float64)
+        for channel, axis in enumerate(axes):
+            full[axis] = channels[channel][rows]
+        d = voxel_to_lps(full, fixed.GetSpacing(), fixed.GetDirection())
+        if affine is not None:
+            matrix, offset = affine
+            points = physical_points(fixed, rows)
+            d = (points + d) @ matrix.T + offset - points
+        rounded[rows] = d
+    field = sitk.GetImageFromArray(rounded, isVector=True)
+    del rounded
+    field = sitk.Cast(field, sitk.sitkVectorFloat64)
     field.CopyInformation(fixed)
     return field
 

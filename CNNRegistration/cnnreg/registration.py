@@ -29,7 +29,7 @@ from . import image as im
 from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import InputError
-from .jacobian import jacobian_determinant, jacobian_summary
+from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_options, similarity_value
 from .optimize import OPTIMIZERS, OptimizationSettings, ProgressCallback, optimize_cnn, optimize_field
 from .spatial import warp
@@ -128,6 +128,14 @@ def _estimate_field(
     return u
 
 
+def _measure(opt: OptimizationSettings, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """The similarity of the settings, in its natural units (no gradient)."""
+    with torch.no_grad():
+        return float(
+            similarity_value(opt.similarity, fixed, warped, mask, **similarity_options(opt.similarity, opt.window))
+        )
+
+
 def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
     """Iterations the mode runs: per level (phantom, instance), refinement steps, or 0 (learned)."""
     mode = Mode(settings.mode)
@@ -192,30 +200,30 @@ def register(
     moving_t = _to_tensor(moving_array, device)
     mask_t = _to_tensor(im.to_array(fixed_mask) > 0, device) if fixed_mask is not None else None
     opt = settings.optimization
-    options = similarity_options(opt.similarity, opt.window)
 
-    def measure(warped_t: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(similarity_value(opt.similarity, fixed_t, warped_t, mask_t, **options))
-
-    before = measure(moving_t)
+    before = _measure(opt, fixed_t, moving_t, mask_t)
     with out_of_memory_as_device_error(
         device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
     ):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
-        after = measure(warp(moving_t, u, padding="zeros"))  # zeros outside, as in warped.nii.gz
+        # zeros outside, as in warped.nii.gz
+        after = _measure(opt, fixed_t, warp(moving_t, u, padding="zeros"), mask_t)
     elapsed = time.perf_counter() - start
-
-    u_cpu = u.detach().to("cpu", torch.float64)
-    field_image = im.displacement_image(u_cpu[0].numpy(), fixed, pre_transform)
+    # the outputs need only u: free the working images first, and keep u in float32 (its own
+    # precision) -- the field conversion and det J run in float64 slab by slab
+    del fixed_t, moving_t, mask_t, fixed_array, moving_array
+    u = u.detach().to("cpu")
+    field_image = im.displacement_image(u[0].numpy(), fixed, pre_transform)
     warped = im.apply_displacement(moving, field_image, reference=fixed)
     warped_labels = None
     if moving_labels is not None:
         warped_labels = im.apply_displacement(
             moving_labels, field_image, reference=fixed, interpolation=Interpolation.NEAREST
         )
-    determinant = jacobian_determinant(u_cpu)[0].numpy().astype(np.float32)
-    jacobian_image = im.array_to_image(determinant, fixed)
+    determinant = determinant_map(u)  # float64, as the summary statistics
+    jacobian_image = im.array_to_image(determinant[0].numpy().astype(np.float32), fixed)
+    jacobian = determinant_summary(determinant)
+    del determinant
 
     summary = {
         "mode": Mode(settings.mode).value,
@@ -234,7 +242,7 @@ def register(
         "similarity_after": after,
         "fixed_size": list(fixed.GetSize()),
         "fixed_spacing": list(fixed.GetSpacing()),
-        **jacobian_summary(u_cpu),
+        **jacobian,
     }
     return RegistrationResult(
         displacement=field_image,
@@ -242,7 +250,7 @@ def register(
         jacobian=jacobian_image,
         summary=summary,
         warped_labels=warped_labels,
-        u=u_cpu,
+        u=u.to(torch.float64),
         fixed=fixed,
         moving_on_fixed=moving_on_fixed,
     )

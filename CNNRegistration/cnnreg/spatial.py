@@ -31,15 +31,27 @@ def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> tor
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
-def _voxel_to_normalized(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Voxel coordinates ``(N, ndim, *S)`` -> ``grid_sample`` grid ``(N, *S, ndim)`` in ``[-1, 1]``,
-    last axis reversed to ``(x=W, y=H[, z=D])`` as ``grid_sample`` expects (align_corners=True)."""
-    ndim = len(shape)
-    scale = torch.tensor(
-        [2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=coords.device, dtype=coords.dtype
-    ).view(1, ndim, *([1] * ndim))
-    normalized = coords * scale - (scale != 0).to(coords.dtype)
-    return normalized.movedim(1, -1).flip(-1)
+def _normalization(shape: Sequence[int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per axis ``scale`` and ``offset`` with ``normalized = voxel * scale - offset`` (align_corners=True)."""
+    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=device, dtype=dtype)
+    return scale, (scale != 0).to(dtype)
+
+
+def _sampling_grid(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample`` grid ``(N, *S, ndim)`` in ``[-1, 1]`` of the voxel points ``x + u(x)`` of a
+    grid of size ``shape`` (align_corners=True), last axis reversed to ``(x=W, y=H[, z=D])`` as
+    ``grid_sample`` expects.  Built one axis at a time from a broadcast index (no identity grid
+    and no full-size intermediates besides one component at a time and the result)."""
+    ndim = u.shape[1]
+    scale, offset = _normalization(shape, u.device, u.dtype)
+    channels = u.unbind(1)
+    components = []
+    for axis in reversed(range(ndim)):
+        view = [1] * (ndim + 1)
+        view[1 + axis] = u.shape[2 + axis]
+        index = torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+        components.append((channels[axis] + index) * scale[axis] - offset[axis])
+    return torch.stack(components, dim=-1)
 
 
 def warp(
@@ -69,8 +81,7 @@ def warp(
         raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear' or 'nearest'")
     if not u.requires_grad and image.shape[2:] == u.shape[2:] and not bool(u.any()):
         return image.clone()  # the identity, exactly (grid_sample's float rounding would blur it)
-    coords = identity_grid(u.shape[2:], device=u.device, dtype=u.dtype) + u
-    grid = _voxel_to_normalized(coords, image.shape[2:])
+    grid = _sampling_grid(u, image.shape[2:])
     if grid.shape[0] != image.shape[0]:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding, align_corners=True)

@@ -60,16 +60,16 @@ from . import image as im
 from .augment import AugmentSettings, PairBatch, PairSampler, Sample, validation_pairs
 from .checkpoint import load_checkpoint, plain, save_checkpoint
 from .conventions import Normalization, Regularizer, Similarity, choices
-from .device import describe_device, resolve_device, seed_everything
+from .dataset import expand_paths, index_labels, make_sample
+from .device import describe_device, seed_everything
+from .distributed import Distributed, all_reduce_sum, init_distributed
 from .errors import InputError
 from .jacobian import folding_fraction, jacobian_determinant
 from .losses import similarity_loss, similarity_options
 from .networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
 from .regularizers import negative_jacobian, regularization
-from .spatial import compose, resize_image, warp
+from .spatial import compose, warp
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg")
-LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
 DEFAULT_WORKING_SHAPE = {2: (128, 128), 3: (64, 64, 64)}
 
 
@@ -221,90 +221,6 @@ def load_config(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def expand_paths(entries: Sequence[str] | str | None) -> list[str]:
-    """Folders (their image files, sorted), list files (one path per line, relative to the
-    list's folder, ``#`` comments) and image files -> a flat list of image paths."""
-    if entries is None:
-        return []
-    if isinstance(entries, (str, os.PathLike)):
-        entries = [entries]
-    paths: list[str] = []
-    for entry in entries:
-        entry = os.fspath(entry)
-        if os.path.isdir(entry):
-            found = sorted(
-                os.path.join(entry, name)
-                for name in os.listdir(entry)
-                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-            )
-            if not found:
-                raise InputError(f"folder {entry} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            paths.extend(found)
-        elif entry.lower().endswith(LIST_SUFFIXES):
-            if not os.path.isfile(entry):
-                raise InputError(f"image list file not found: {entry}")
-            base = os.path.dirname(os.path.abspath(entry))
-            with open(entry, encoding="utf-8") as handle:
-                for line in handle:
-                    line = line.split("#", 1)[0].strip()
-                    if line:
-                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
-        else:
-            paths.append(entry)
-    return paths
-
-
-def resize_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resampling of a label map ``(N, 1, *S)`` to ``shape`` (same field of view,
-    voxel centres matched as in :func:`cnnreg.spatial.resize_image`)."""
-    if tuple(labels.shape[2:]) == tuple(shape):
-        return labels
-    return F.interpolate(labels.float(), size=tuple(shape), mode="nearest-exact")
-
-
-def make_sample(
-    name: str,
-    array: np.ndarray,
-    working_shape: Sequence[int],
-    normalization: str = "max",
-    labels: np.ndarray | None = None,
-    label_space: str | None = None,
-    group: str | None = None,
-) -> Sample:
-    """A :class:`Sample` from an image array ``(D, H, W)``/``(H, W)`` (and optional label map),
-    normalised and resampled to ``working_shape``.  Labels keep their values (see
-    :func:`index_labels` to make them consecutive)."""
-    array = im.normalize(np.asarray(array, dtype=np.float32), normalization)
-    image = resize_image(torch.from_numpy(np.ascontiguousarray(array))[None, None], working_shape)[0]
-    label_tensor = None
-    if labels is not None:
-        label_tensor = resize_labels(torch.from_numpy(np.asarray(labels, dtype=np.float32))[None, None], working_shape)[
-            0
-        ]
-    return Sample(name, image.float(), label_tensor, label_space if labels is not None else None, group)
-
-
-def index_labels(samples: Sequence[Sample]) -> dict[str, list[int]]:
-    """Replace label values by consecutive indices (0 = background stays 0) per label space, in
-    place; returns ``{space: [value of index 0, 1, ...]}``."""
-    spaces: dict[str, set[int]] = {}
-    for sample in samples:
-        if sample.labels is not None:
-            spaces.setdefault(sample.label_space or "", set()).update(int(v) for v in torch.unique(sample.labels))
-    tables = {}
-    for space, values in spaces.items():
-        table = sorted(values | {0})
-        tables[space] = table
-        lookup = {value: index for index, value in enumerate(table)}
-        for sample in samples:
-            if sample.labels is not None and (sample.label_space or "") == space:
-                mapped = torch.zeros_like(sample.labels)
-                for value in torch.unique(sample.labels).tolist():
-                    mapped[sample.labels == value] = float(lookup[int(value)])
-                sample.labels = mapped
-    return tables
-
-
 def load_samples(
     image_paths: Sequence[str],
     label_paths: Sequence[str] | None,
@@ -453,35 +369,6 @@ def training_step(
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    enabled: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
-    """Resolve the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group
-    (gloo on CPU, NCCL on CUDA; one GPU per process, ``cuda:LOCAL_RANK``)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world_size <= 1:
-        return Distributed(), device
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Distributed(rank, world_size, local_rank, True), device
-
-
 def wrap_parallel(network: nn.Module, info: Distributed, device: torch.device) -> Trainable:
     """The :class:`Trainable` for ``network`` (already on ``device``), DDP-wrapped when distributed."""
 
@@ -494,14 +381,6 @@ def wrap_parallel(network: nn.Module, info: Distributed, device: torch.device) -
     if isinstance(network, CascadeNet):
         return Trainable(network, wrap(network.base), wrap(network.refiner))
     return Trainable(network, wrap(network))
-
-
-def _all_reduce_sum(values: list[float], info: Distributed, device: torch.device) -> list[float]:
-    if not info.enabled:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,7 +437,7 @@ def validate(
                 sums[4] += float(np.nanmean(list(after_dice.values())))
                 sums[5] += float(np.nanmean(list(before_dice.values())))
                 sums[6] += 1
-    sums = _all_reduce_sum(sums, info, device)
+    sums = all_reduce_sum(sums, info, device)
     count, labelled = max(sums[3], 1), sums[6]
     return {
         "val_loss": sums[0] / count,
@@ -746,7 +625,7 @@ def train(
                     **values,
                 }
             )
-        reduced = _all_reduce_sum([sums[k] for k in _TERMS] + [counts[k] for k in _TERMS], info, device)
+        reduced = all_reduce_sum([sums[k] for k in _TERMS] + [counts[k] for k in _TERMS], info, device)
         train_terms = {
             f"train_{k}": total / count for k, total, count in zip(_TERMS, reduced, reduced[len(_TERMS) :]) if count > 0
         }

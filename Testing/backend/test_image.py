@@ -319,6 +319,44 @@ def test_displacement_image_with_affine_pre_transform(synth):
         np.testing.assert_allclose(x + combined[kji], expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("array_shape", [(9, 6, 7), (1, 6, 7), (5, 6, 1), (8, 7)], ids=["3d", "k1", "i1", "2d"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_displacement_image_slab_by_slab_equals_the_whole_grid_conversion(synth, monkeypatch, array_shape, affine):
+    # the field is converted in float64 slabs of the first array axis; every vector must be the
+    # one of the whole-grid formula (float64, then rounded to float32), whatever the slab size
+    ndim = len(array_shape)
+    direction = synth.rotation_matrix((1.0, -2.0, 0.5), 40.0) if ndim == 3 else np.array([[0.8, -0.6], [0.6, 0.8]])
+    spacing, origin = (1.2, 0.8, 2.0)[:ndim], (3, -4, 5)[:ndim]
+    image = synth.make_image(np.ones(array_shape, np.float32), spacing=spacing, origin=origin, direction=direction)
+    axes = im.working_axes(image)
+    u = np.random.default_rng(8).normal(size=(len(axes), *[array_shape[a] for a in axes])).astype(np.float32)
+    transform = None
+    if affine:
+        transform = sitk.AffineTransform(ndim)
+        transform.SetMatrix(tuple(np.eye(ndim).ravel() + np.random.default_rng(9).normal(scale=0.03, size=ndim * ndim)))
+        transform.SetTranslation(tuple(float(t) for t in np.arange(ndim) - 1.5))
+    # the whole grid at once, as a formula
+    full = np.zeros((len(array_shape), *array_shape))
+    for channel, axis in enumerate(axes):
+        full[axis] = u[channel].reshape(array_shape)
+    d = voxel_to_lps(full, spacing, direction.ravel())
+    if affine:
+        matrix = np.asarray(transform.GetMatrix()).reshape(ndim, ndim)
+        offset = np.asarray(transform.GetTranslation())  # centre 0
+        points = im.physical_points(image)
+        d = (points + d) @ matrix.T + offset - points
+    expected = d.astype(np.float32).astype(np.float64)
+    row = int(np.prod(array_shape[1:]))
+    for slab_voxels in (1, 2 * row, 4 * row, im.SLAB_VOXELS):
+        monkeypatch.setattr(im, "SLAB_VOXELS", slab_voxels)
+        for field_u in (u, u.astype(np.float64)):
+            field = im.displacement_image(field_u, image, transform)
+            assert field.GetPixelID() == sitk.sitkVectorFloat64 and im.same_grid(field, image)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(field), expected)
+    # physical_points of a band of rows is that band of the whole grid's points
+    np.testing.assert_array_equal(im.physical_points(image, slice(1, 3)), im.physical_points(image)[1:3])
+
+
 def test_apply_displacement_zero_field_is_identity_and_dimension_check(synth):
     image = _blob_image(synth, spacing=(1.2, 0.8, 2.0))
     field = im.displacement_image(np.zeros((3, 10, 12, 14)), image)

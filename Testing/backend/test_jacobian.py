@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from cnnreg.jacobian import folding_fraction, jacobian_determinant, jacobian_summary, sdlogj, spatial_gradient
+from cnnreg.jacobian import (
+    determinant_map,
+    determinant_summary,
+    folding_fraction,
+    jacobian_determinant,
+    jacobian_summary,
+    sdlogj,
+    spatial_gradient,
+)
 from cnnreg.spatial import identity_grid
 
 # planted_fold lives in conftest.py (shared with test_regularizers.py); see its docstring for
@@ -161,3 +169,29 @@ def test_jacobian_summary_of_a_uniform_scaling_and_of_a_fold(synth):
     assert folded["folding_fraction"] == pytest.approx(8 / 168)
     assert folded["folding_percent"] == pytest.approx(800 / 168)
     assert folded["min_jacobian"] == pytest.approx(-0.5) and folded["max_jacobian"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# slab by slab: the same values with small temporaries
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(11, 5, 6), (3, 4, 5), (9, 2, 4), (13, 7)], ids=["3d", "3-rows", "thin", "2d"])
+def test_determinant_map_slab_by_slab_equals_the_whole_grid_exactly(shape):
+    ndim = len(shape)
+    u = 0.7 * torch.randn((1, ndim, *shape), generator=torch.Generator().manual_seed(3))  # float32, folds too
+    whole = jacobian_determinant(u.to(torch.float64))
+    row = int(np.prod(shape[1:]))
+    # every slab height (1 -> at least 2 rows, the remainder slab of 1 row, the whole axis)
+    for slab_voxels in [1] + [rows * row for rows in range(2, shape[0] + 1)]:
+        det = determinant_map(u, slab_voxels=slab_voxels)
+        assert det.dtype == torch.float64 and det.shape == whole.shape
+        assert torch.equal(det, whole), slab_voxels
+    assert torch.equal(determinant_map(u, dtype=torch.float32), jacobian_determinant(u))
+
+
+def test_jacobian_summary_is_the_summary_of_the_float64_determinant(synth):
+    u = 0.6 * torch.randn((1, 3, 9, 8, 7), generator=torch.Generator().manual_seed(4))
+    expected = determinant_summary(jacobian_determinant(u.to(torch.float64)))
+    assert jacobian_summary(u) == expected
+    assert expected["folding_fraction"] > 0  # the random field folds: the statistics are not trivial

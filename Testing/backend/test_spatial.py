@@ -272,6 +272,30 @@ def test_warp_gradient_wrt_displacement_is_the_image_slope():
     np.testing.assert_allclose(u.grad[0, 0].numpy(), 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(9, 10), (7, 8, 6), (1, 8, 6)], ids=["2d", "3d", "single-slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warp_is_grid_sample_at_identity_plus_u_exactly(shape, dtype):
+    # the sampling grid is built per axis without an identity grid; it must be the textbook one:
+    # normalised (align_corners=True) identity + u, last axis reversed, bit for bit (values and gradients)
+    ndim = len(shape)
+    image = _random((2, 1, *shape), seed=21, dtype=dtype)
+    u = 3 * (_random((2, ndim, *shape), seed=22, dtype=dtype) - 0.5)
+    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], dtype=dtype).view(1, ndim, *[1] * ndim)
+    offset = (scale != 0).to(dtype)
+
+    def reference(img, disp):
+        grid = ((identity_grid(shape, dtype=dtype) + disp) * scale - offset).movedim(1, -1).flip(-1)
+        return torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    ours_u, ref_u = u.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    weights = _random((2, 1, *shape), seed=23, dtype=dtype)
+    ours, ref = warp(image, ours_u), reference(image, ref_u)
+    assert torch.equal(ours, ref)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.equal(ours_u.grad, ref_u.grad)
+
+
 # --------------------------------------------------------------------------------------
 # voxel <-> LPS <-> RAS
 # --------------------------------------------------------------------------------------

@@ -29,15 +29,14 @@ from cnnreg.augment import (
     validation_pairs,
 )
 from cnnreg.checkpoint import load_checkpoint
+from cnnreg.dataset import index_labels, make_sample
+from cnnreg.distributed import Distributed
 from cnnreg.errors import InputError
 from cnnreg.jacobian import jacobian_determinant
 from cnnreg.networks import CascadeNet, FAIMNet
 from cnnreg.train import (
-    Distributed,
     Trainable,
     TrainSettings,
-    index_labels,
-    make_sample,
     output_paths,
     settings_from_dict,
     soft_dice,
@@ -297,7 +296,7 @@ def _ddp_worker(rank: int, folder: str, port: int) -> None:
     """One DDP process: the gradient of its half of the batch, averaged by DDP, saved to a file."""
     import torch.distributed as dist
 
-    from cnnreg.train import init_distributed
+    from cnnreg.distributed import init_distributed
 
     torch.set_num_threads(1)
     os.environ.update(
