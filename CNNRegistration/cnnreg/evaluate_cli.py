@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .outputs import check_output_folder
 
 OUTPUT_FILES = {"csv": "evaluation.csv", "json": "evaluation.json", "boxplot": "dice_boxplot.png"}
 NO_FILE = "-"  # placeholder for "no displacement field for this method/subject"
@@ -328,20 +329,7 @@ def read_label_names(path: str | os.PathLike) -> dict[int, str]:
 
 def _check_output(out: str | None, overwrite: bool, inputs: Sequence[str]) -> str | None:
     """Absolute output folder after checking it may receive the outputs (nothing is written)."""
-    if out is None:
-        return None
-    out_dir = os.path.abspath(out)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"output path {out_dir} exists and is a file, not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise InputError(
-            f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite"
-        )
-    outputs = {os.path.join(out_dir, name) for name in OUTPUT_FILES.values()}
-    for path in inputs:
-        if os.path.abspath(path) in outputs:
-            raise InputError(f"input {path} would be overwritten by an output; choose another --out folder")
-    return out_dir
+    return None if out is None else check_output_folder(out, overwrite, inputs, OUTPUT_FILES.values())
 
 
 def _check_files_exist(entries: Sequence[tuple[str, str | None]]) -> None:

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 import torch
 
 from . import image as im
+from . import outputs
 from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import InputError
@@ -257,23 +258,9 @@ def register(
 
 
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: Sequence[str] = ()) -> str:
-    """Check ``out_dir`` can receive the results (before any work); returns its absolute path.
-
-    Raises InputError when it exists with files in it and ``overwrite`` is False, when it is a
-    file, or when an output would replace one of the ``inputs``.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"output path {out_dir} exists and is a file, not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise InputError(
-            f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite"
-        )
-    outputs = {os.path.join(out_dir, name) for name in OUTPUT_FILES.values()}
-    for path in inputs:
-        if path and os.path.abspath(path) in outputs:
-            raise InputError(f"input {path} would be overwritten by an output; choose another output folder")
-    return out_dir
+    """Check ``out_dir`` can receive the registration results (before any work); returns its
+    absolute path.  See :func:`cnnreg.outputs.check_output_folder`."""
+    return outputs.check_output_folder(out_dir, overwrite, inputs, OUTPUT_FILES.values())
 
 
 def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: bool = True) -> dict[str, str]:
