@@ -365,6 +365,7 @@ def optimize_cnn(
     """
     ndim = fixed.dim() - 2
     network = UNet(ndim=ndim, features=settings.features).to(device=fixed.device, dtype=fixed.dtype)
+    network.checkpointing = True  # activations of the full-size blocks dominate memory; same values
     smallest = 2 ** network.config["depth"] + 1
     working = capped_shape(fixed.shape[2:], settings.max_cnn_voxels)
     if min(working) < smallest:

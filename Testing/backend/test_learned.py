@@ -313,3 +313,23 @@ def test_unet_for_the_phantom_mode_is_unchanged():
     network = UNet(ndim=2, features=8, depth=2)
     assert network.config == dict(ndim=2, features=8, depth=2, batch_norm=True, in_channels=2, output_scale=1.0)
     assert network(_pair((20, 20))).shape == (1, 2, 20, 20)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_unet_activation_checkpointing_gives_the_same_values_and_gradients(ndim):
+    """Phantom mode checkpoints the U-Net's blocks to save memory: same field, same gradients."""
+    torch.manual_seed(0)
+    network = UNet(ndim=ndim, features=4, depth=2)
+    torch.nn.init.normal_(network.head.weight, std=0.1)  # non-trivial output and gradients
+    pair = torch.rand((1, 2, *([12] * ndim)))
+    results = []
+    for checkpointing in (False, True):
+        network.checkpointing = checkpointing
+        network.zero_grad()
+        output = network(pair)
+        (output**2).sum().backward()
+        results.append((output.detach(), [p.grad.clone() for p in network.parameters()]))
+    (plain, plain_grads), (saved, saved_grads) = results
+    torch.testing.assert_close(saved, plain, rtol=0, atol=0)
+    for a, b in zip(saved_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
