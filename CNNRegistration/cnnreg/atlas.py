@@ -90,15 +90,6 @@ class AtlasResult:
 # ---------------------------------------------------------------------------------------
 
 
-def _dimensions(image: sitk.Image) -> tuple[int, int]:
-    """(working dimension, stored dimension): a single-slice 3D image is (2, 3)."""
-    return len(im.working_axes(image)), image.GetDimension()
-
-
-def _dimension_text(image: sitk.Image) -> str:
-    return f"{len(im.working_axes(image))}D (stored as {image.GetDimension()}D, size {image.GetSize()})"
-
-
 def check_subjects(
     images: Sequence[sitk.Image],
     labels: Sequence[sitk.Image] | None = None,
@@ -120,17 +111,10 @@ def check_subjects(
         im.check_image(image, name)
     first, first_name = images[0], names[0]
     for image, name in zip(images[1:], names[1:]):
-        if _dimensions(image) != _dimensions(first):
-            raise InputError(
-                f"{name} is {_dimension_text(image)} but {first_name} is {_dimension_text(first)}; "
-                "all atlas subjects must have the same dimension"
-            )
+        im.check_pair(image, first, name, first_name)
     if reference is not None:
         im.check_image(reference, "reference image", allow_constant=True)
-        if _dimensions(reference) != _dimensions(first):
-            raise InputError(
-                f"reference image is {_dimension_text(reference)} but the subjects are {_dimension_text(first)}"
-            )
+        im.check_pair(reference, first, "reference image", f"the subjects ({first_name})")
     if labels is not None:
         if len(labels) != len(images):
             raise InputError(
@@ -255,10 +239,7 @@ def build_atlas(
     reference = reference if reference is not None else images[0]
     if initial is not None:
         im.check_image(initial, "initial template")
-        if _dimensions(initial) != _dimensions(images[0]):
-            raise InputError(
-                f"initial template is {_dimension_text(initial)} but the subjects are {_dimension_text(images[0])}"
-            )
+        im.check_pair(initial, images[0], "initial template", "the subjects")
     start = time.perf_counter()
     count = len(images)
     dim = reference.GetDimension()

@@ -387,10 +387,7 @@ def jacobian_determinant(field: sitk.Image) -> np.ndarray:
 
 def folding_percent(field: sitk.Image, mask=None) -> float:
     """Percentage of voxels (inside ``mask`` if given) where the Jacobian determinant is ``<= 0``."""
-    determinant = jacobian_determinant(field)
-    if mask is not None:
-        determinant = determinant[_mask_array(mask, field)]
-    return float(100.0 * np.count_nonzero(determinant <= 0) / determinant.size)
+    return jacobian_statistics(field, mask)["folding_percent"]
 
 
 #: ``det J`` is clipped to this range before the log in SDlogJ (as :func:`cnnreg.jacobian.sdlogj`)

@@ -111,18 +111,21 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANC
     )
 
 
-def check_pair(fixed: sitk.Image, moving: sitk.Image) -> None:
-    """Raise InputError when fixed and moving cannot be registered together."""
+def check_pair(
+    fixed: sitk.Image, moving: sitk.Image, fixed_name: str = "fixed image", moving_name: str = "moving image"
+) -> None:
+    """Raise InputError when two images cannot be registered together (2D vs 3D, or a single
+    slice stored as 2D on one side and as 3D on the other); the names go into the message."""
     fixed_dims = len(working_axes(fixed))
     moving_dims = len(working_axes(moving))
     if fixed_dims != moving_dims:
         raise InputError(
-            f"fixed image is {fixed_dims}D (size {fixed.GetSize()}) but moving image is "
-            f"{moving_dims}D (size {moving.GetSize()}); both must be 2D or both 3D"
+            f"{fixed_name} is {fixed_dims}D (size {fixed.GetSize()}) but {moving_name} is "
+            f"{moving_dims}D (size {moving.GetSize()}); both must be 2D or both 3D (the same dimension)"
         )
     if fixed.GetDimension() != moving.GetDimension():
         raise InputError(
-            f"fixed image is stored as {fixed.GetDimension()}D and moving as {moving.GetDimension()}D; "
+            f"{fixed_name} is stored as {fixed.GetDimension()}D and {moving_name} as {moving.GetDimension()}D; "
             "store both single slices the same way"
         )
 
