@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .conventions import Similarity, choices
 from .errors import InputError
-from .spatial import gaussian_smooth
+from .spatial import filter_axis, gaussian_smooth
 
 
 def _weighted_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -29,23 +28,17 @@ def _weighted_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
     """Local mean over a ``window``-wide box (odd) around every voxel, taken over the voxels
     inside the image only (near the border the box is clipped, not zero-padded).  Separable:
-    one 1D box sum per axis (zero-padded convolution), divided by the in-image voxel count.
+    one 1D box sum per axis (zero padding), divided by the in-image voxel count.
     ``x``: ``(N, C, *S)`` -> same shape."""
     ndim = x.dim() - 2
-    conv = F.conv3d if ndim == 3 else F.conv2d
     radius = window // 2
-    channels = x.shape[1]
     for axis in range(ndim):
         size = x.shape[2 + axis]
-        kernel = [1] * ndim
-        padding = [0] * ndim
-        kernel[axis], padding[axis] = window, radius
-        weight = x.new_ones((channels, 1, *kernel))
         index = torch.arange(size, device=x.device)
         count = torch.clamp(index + radius, max=size - 1) - torch.clamp(index - radius, min=0) + 1
         shape = [1] * x.dim()
         shape[2 + axis] = size
-        x = conv(x, weight, padding=padding, groups=channels) / count.to(x.dtype).view(shape)
+        x = filter_axis(x, axis, [1.0] * window, "zeros") / count.to(x.dtype).view(shape)
     return x
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .conventions import LPS_TO_RAS_SIGNS
 
@@ -121,24 +122,67 @@ def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.T
     return kernel / kernel.sum()
 
 
+def _correlate_valid(padded: torch.Tensor, dim: int, taps: Sequence[float], size: int) -> torch.Tensor:
+    """``out[i] = sum_t taps[t] padded[i + t]`` along ``dim`` for ``i < size`` (no autograd)."""
+    out = padded.narrow(dim, 0, size) * taps[0]
+    for shift in range(1, len(taps)):
+        out.add_(padded.narrow(dim, shift, size), alpha=taps[shift])
+    return out
+
+
+class _AxisFilter(torch.autograd.Function):
+    """Pad (replicate or zeros) and correlate along one axis; the backward pass is the exact
+    adjoint, written with the same in-place shifted sums (no per-tap autograd nodes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, taps: tuple[float, ...], replicate: bool) -> torch.Tensor:
+        radius = len(taps) // 2
+        ndim = x.dim() - 2
+        pad = [0, 0] * ndim
+        pad[2 * (x.dim() - 1 - dim)] = pad[2 * (x.dim() - 1 - dim) + 1] = radius
+        padded = F.pad(x, pad, mode="replicate") if replicate else F.pad(x, pad)
+        ctx.dim, ctx.taps, ctx.replicate = dim, taps, replicate
+        return _correlate_valid(padded, dim, taps, x.shape[dim])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        dim, taps = ctx.dim, ctx.taps
+        radius = len(taps) // 2
+        size = grad.shape[dim]
+        grad_padded = grad.new_zeros((*grad.shape[:dim], size + 2 * radius, *grad.shape[dim + 1 :]))
+        for shift, weight in enumerate(taps):  # adjoint of the valid correlation
+            grad_padded.narrow(dim, shift, size).add_(grad, alpha=weight)
+        grad_x = grad_padded.narrow(dim, radius, size).clone()
+        if ctx.replicate and radius > 0:  # adjoint of edge replication: fold the pads back
+            grad_x.narrow(dim, 0, 1).add_(grad_padded.narrow(dim, 0, radius).sum(dim, keepdim=True))
+            grad_x.narrow(dim, size - 1, 1).add_(grad_padded.narrow(dim, size + radius, radius).sum(dim, keepdim=True))
+        return grad_x, None, None, None
+
+
+def filter_axis(x: torch.Tensor, axis: int, taps: Sequence[float], padding: str = "replicate") -> torch.Tensor:
+    """Correlate every channel of ``x`` ``(N, C, *S)`` along spatial ``axis`` with the odd-length
+    1D kernel ``taps`` (centred), padding by ``"replicate"`` or ``"zeros"``.  Same shape out.
+
+    Written as in-place weighted sums of shifted views with a hand-written adjoint: on CPU
+    several times faster than a grouped (depthwise) convolution, above all backwards.
+    """
+    taps = tuple(float(t) for t in taps)
+    if len(taps) % 2 == 0:
+        raise ValueError(f"filter_axis needs an odd number of taps, got {len(taps)}")
+    if padding not in ("replicate", "zeros"):
+        raise ValueError(f"unknown padding {padding!r}")
+    return _AxisFilter.apply(x, 2 + axis, taps, padding == "replicate")
+
+
 def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
     """Separable Gaussian smoothing of every channel of ``x`` ``(N, C, *S)``; ``sigma`` in voxels
     (one value or one per axis; 0 skips an axis).  Edges are replicated."""
     ndim = x.dim() - 2
     sigmas = [float(sigma)] * ndim if np.isscalar(sigma) else [float(s) for s in sigma]
-    conv = F.conv3d if ndim == 3 else F.conv2d
-    channels = x.shape[1]
     for axis, s in enumerate(sigmas):
-        if s <= 0:
-            continue
-        kernel = gaussian_kernel1d(s, device=x.device, dtype=x.dtype)
-        radius = kernel.numel() // 2
-        view = [1] * ndim
-        view[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *view).repeat(channels, 1, *([1] * ndim))
-        pad = [0, 0] * ndim
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
-        x = conv(F.pad(x, pad, mode="replicate"), weight, groups=channels)
+        if s > 0:
+            x = filter_axis(x, axis, gaussian_kernel1d(s, dtype=torch.float64).tolist(), "replicate")
     return x
 
 

@@ -13,6 +13,7 @@ import torch
 
 from cnnreg.spatial import (
     compose,
+    filter_axis,
     gaussian_kernel1d,
     gaussian_smooth,
     identity_grid,
@@ -237,6 +238,42 @@ def test_gaussian_kernel_and_smoothing_preserve_constants():
     # smoothing only along the last axis leaves a field that varies along the first untouched
     ramp = torch.arange(7, dtype=torch.float64).view(1, 1, 7, 1).expand(1, 1, 7, 6).clone()
     np.testing.assert_allclose(gaussian_smooth(ramp, [0.0, 2.0]).numpy(), ramp.numpy(), atol=1e-12)
+
+
+def _reference_filter(x: np.ndarray, axis: int, taps: list[float], padding: str) -> np.ndarray:
+    """Brute-force 1D correlation along spatial ``axis`` (numpy, explicit index clamping)."""
+    x = np.moveaxis(x, 2 + axis, -1)
+    size, radius = x.shape[-1], len(taps) // 2
+    out = np.zeros_like(x)
+    for i in range(size):
+        for t, weight in enumerate(taps):
+            j = i + t - radius
+            if padding == "replicate":
+                out[..., i] += weight * x[..., min(max(j, 0), size - 1)]
+            elif 0 <= j < size:
+                out[..., i] += weight * x[..., j]
+    return np.moveaxis(out, -1, 2 + axis)
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+@pytest.mark.parametrize("shape", [(2, 1, 6, 9), (1, 2, 5, 4, 7)])
+def test_filter_axis_equals_brute_force_and_its_gradient_is_the_adjoint(shape, padding):
+    taps = [0.1, -0.5, 0.2, 0.7, 0.3]  # asymmetric, so a flipped kernel would be caught
+    for axis in range(len(shape) - 2):
+        x = _random(shape, seed=axis, dtype=torch.float64).requires_grad_()
+        out = filter_axis(x, axis, taps, padding)
+        np.testing.assert_allclose(
+            out.detach().numpy(), _reference_filter(x.detach().numpy(), axis, taps, padding), atol=1e-12
+        )
+        assert torch.autograd.gradcheck(lambda v, axis=axis: filter_axis(v, axis, taps, padding), (x,))
+
+
+def test_filter_axis_rejects_even_kernels_and_unknown_padding():
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="odd"):
+        filter_axis(x, 0, [0.5, 0.5])
+    with pytest.raises(ValueError, match="padding"):
+        filter_axis(x, 0, [1.0], "reflect")
 
 
 # --------------------------------------------------------------------------------------
