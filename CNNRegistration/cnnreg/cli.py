@@ -109,7 +109,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--field-smoothing", type=float, default=1.0, help="Gaussian sigma of field updates, voxels")
     parser.add_argument(
-        "--control-spacing", type=float, default=6.0, help="dense-field control grid spacing, voxels (1 = every voxel)"
+        "--control-spacing", type=float, default=4.0, help="dense-field control grid spacing, voxels (1 = every voxel)"
     )
     parser.add_argument(
         "--optimizer", default="global-adam", choices=["global-adam", "adam", "greedy"], help="dense-field optimiser"

@@ -68,7 +68,7 @@ class OptimizationSettings:
     iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
     learning_rate: float | None = None
     field_smoothing: float = 1.0
-    control_spacing: float = 6.0
+    control_spacing: float = 4.0
     final_learning_rate: float = 0.1
     optimizer: str = "global-adam"
     patience: int = 20
