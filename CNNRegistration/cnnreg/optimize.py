@@ -106,6 +106,13 @@ def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
     return tuple(max(2, int(n * factor)) for n in shape)
 
 
+#: default step of each dense-field optimiser: voxels per step for an RMS-sized gradient
+#: (global-adam), per element (adam), largest voxel step (greedy).  On MNI152 at 2 mm
+#: (scripts/benchmark, case mni2mm) global-adam at 0.05 reaches a lower loss than at 0.25,
+#: whose first steps overshoot at every level change (the loss rose for ~10 iterations).
+DENSE_LEARNING_RATES = {"global-adam": 0.05, "adam": 0.02, "greedy": 0.25}
+
+
 class GlobalAdam(torch.optim.Optimizer):
     """Adam with one second-moment estimate per parameter tensor instead of per element.
 
@@ -115,7 +122,13 @@ class GlobalAdam(torch.optim.Optimizer):
     so ``lr`` is the step, in voxels, of a voxel with an RMS-sized gradient.
     """
 
-    def __init__(self, params, lr: float = 0.5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
+    def __init__(
+        self,
+        params,
+        lr: float = DENSE_LEARNING_RATES["global-adam"],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-12,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     @torch.no_grad()
@@ -143,7 +156,7 @@ class GreedyFluid(torch.optim.Optimizer):
     fluid-like regularisation of each update) and scaled so that the largest step of any
     voxel is ``lr`` voxels.  Use with a small or zero penalty on the total field."""
 
-    def __init__(self, params, lr: float = 0.25, sigma: float = 3.0):
+    def __init__(self, params, lr: float = DENSE_LEARNING_RATES["greedy"], sigma: float = 3.0):
         super().__init__(params, dict(lr=lr, sigma=sigma))
 
     @torch.no_grad()
@@ -159,12 +172,6 @@ class GreedyFluid(torch.optim.Optimizer):
 
 #: optimisers of a dense field (the phantom CNN's weights always use Adam)
 OPTIMIZERS = {"global-adam": GlobalAdam, "adam": torch.optim.Adam, "greedy": GreedyFluid}
-
-#: default step of each dense-field optimiser: voxels per step for an RMS-sized gradient
-#: (global-adam), per element (adam), largest voxel step (greedy).  On MNI152 at 2 mm
-#: (scripts/benchmark, case mni2mm) global-adam at 0.05 reaches a lower loss than at 0.25,
-#: whose first steps overshoot at every level change (the loss rose for ~10 iterations).
-DENSE_LEARNING_RATES = {"global-adam": 0.05, "adam": 0.02, "greedy": 0.25}
 
 
 class DenseField(nn.Module):

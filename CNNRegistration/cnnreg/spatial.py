@@ -137,8 +137,7 @@ class _AxisFilter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, taps: tuple[float, ...], replicate: bool) -> torch.Tensor:
         radius = len(taps) // 2
-        ndim = x.dim() - 2
-        pad = [0, 0] * ndim
+        pad = [0, 0] * (x.dim() - 2)  # F.pad lists the last axis first
         pad[2 * (x.dim() - 1 - dim)] = pad[2 * (x.dim() - 1 - dim) + 1] = radius
         padded = F.pad(x, pad, mode="replicate") if replicate else F.pad(x, pad)
         ctx.dim, ctx.taps, ctx.replicate = dim, taps, replicate
