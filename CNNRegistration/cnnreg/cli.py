@@ -23,7 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
+from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, SimilarityInterpolation, choices
 from .errors import CancelledError, CnnregError, DeviceError, InputError
 
 if TYPE_CHECKING:
@@ -114,6 +114,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer", default="global-adam", choices=["global-adam", "adam", "greedy"], help="dense-field optimiser"
     )
+    parser.add_argument(
+        "--interpolation",
+        default=SimilarityInterpolation.LINEAR.value,
+        choices=choices(SimilarityInterpolation),
+        help="how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
+        "cubic B-spline (more accurate sub-voxel alignment, slower)",
+    )
     parser.add_argument("--features", type=int, default=24, help="phantom-mode U-Net width")
     parser.add_argument("--max-cnn-voxels", type=int, default=2**21, help="phantom-mode working-grid size limit")
     parser.add_argument("--model", help="learned modes: weights file (default: shipped weights)")
@@ -148,6 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
             field_smoothing=args.field_smoothing,
             control_spacing=args.control_spacing,
             optimizer=args.optimizer,
+            interpolation=args.interpolation,
             features=args.features,
             max_cnn_voxels=args.max_cnn_voxels,
         ),

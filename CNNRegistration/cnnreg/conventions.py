@@ -62,6 +62,14 @@ class Regularizer(str, enum.Enum):
 class Interpolation(str, enum.Enum):
     LINEAR = "linear"
     NEAREST = "nearest"
+    CUBIC = "cubic"  # cubic B-spline
+
+
+class SimilarityInterpolation(str, enum.Enum):
+    """How the iterative modes sample the moving image inside the similarity term."""
+
+    LINEAR = "linear"
+    CUBIC = "cubic"  # cubic B-spline: no bias towards whole-voxel shifts, ~3x slower per warp
 
 
 class Normalization(str, enum.Enum):

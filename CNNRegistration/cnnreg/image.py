@@ -149,6 +149,7 @@ def check_labels(labels: sitk.Image, moving: sitk.Image, name: str = "moving lab
 _SITK_INTERPOLATORS = {
     Interpolation.LINEAR: sitk.sitkLinear,
     Interpolation.NEAREST: sitk.sitkNearestNeighbor,
+    Interpolation.CUBIC: sitk.sitkBSpline,
 }
 
 

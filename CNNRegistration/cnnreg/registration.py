@@ -27,7 +27,7 @@ import torch
 
 from . import image as im
 from . import outputs
-from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, choices
+from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, SimilarityInterpolation, choices
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import InputError
 from .jacobian import determinant_map, determinant_summary
@@ -65,6 +65,7 @@ class RegistrationSettings:
             (self.normalization, Normalization, "normalization"),
             (opt.similarity, Similarity, "similarity"),
             (opt.regularizer, Regularizer, "regularizer"),
+            (opt.interpolation, SimilarityInterpolation, "interpolation"),
         ):
             try:
                 enum_type(value)
@@ -207,15 +208,16 @@ def register(
         device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
     ):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
-        # zeros outside, as in warped.nii.gz
-        after = _measure(opt, fixed_t, warp(moving_t, u, padding="zeros"), mask_t)
+        # zeros outside and the same interpolation, as in warped.nii.gz
+        interpolation = SimilarityInterpolation(opt.interpolation).value
+        after = _measure(opt, fixed_t, warp(moving_t, u, interpolation, padding="zeros"), mask_t)
     elapsed = time.perf_counter() - start
     # the outputs need only u: free the working images first, and keep u in float32 (its own
     # precision) -- the field conversion and det J run in float64 slab by slab
     del fixed_t, moving_t, mask_t, fixed_array, moving_array
     u = u.detach().to("cpu")
     field_image = im.displacement_image(u[0].numpy(), fixed, pre_transform)
-    warped = im.apply_displacement(moving, field_image, reference=fixed)
+    warped = im.apply_displacement(moving, field_image, reference=fixed, interpolation=Interpolation(interpolation))
     warped_labels = None
     if moving_labels is not None:
         warped_labels = im.apply_displacement(
@@ -238,6 +240,7 @@ def register(
         "seed": settings.seed,
         "affine": settings.affine,
         "normalization": Normalization(settings.normalization).value,
+        "interpolation": interpolation,
         "seconds": round(elapsed, 3),
         "similarity_before": before,
         "similarity_after": after,

@@ -7,6 +7,9 @@ the grid it lives on, channel order = spatial tensor axis order, and it pulls:
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,8 +70,11 @@ def warp(
         image: ``(N, C, *S_in)``; may be on a different grid size than ``u`` only if both
             grids share voxel coordinates (rarely what you want; normally ``S_in == S``).
         u: ``(N, ndim, *S)`` displacement in voxels of ``image``'s grid, channel order = axes.
-        interpolation: ``"linear"`` or ``"nearest"``.
-        padding: ``"border"`` (repeat edge), ``"zeros"`` or ``"reflection"`` outside the image.
+        interpolation: ``"linear"``, ``"nearest"`` or ``"cubic"`` (cubic B-spline: the image
+            is prefiltered by :func:`bspline_coefficients` on every call; to sample one image
+            many times, prefilter once and call :func:`warp_bspline`).
+        padding: ``"border"`` (repeat edge), ``"zeros"`` or ``"reflection"`` outside the image
+            (``"cubic"``: ``"border"`` or ``"zeros"``).
 
     Returns:
         ``(N, C, *S)`` warped image, same dtype as ``image``; ``u == 0`` (not requiring a
@@ -77,15 +83,210 @@ def warp(
     ndim = _check_field(u)
     if image.dim() != ndim + 2:
         raise ValueError(f"image {tuple(image.shape)} and displacement {tuple(u.shape)} differ in dimension")
-    mode = {"linear": "bilinear", "nearest": "nearest"}.get(interpolation)
+    mode = {"linear": "bilinear", "nearest": "nearest", "cubic": "cubic"}.get(interpolation)
     if mode is None:
-        raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear' or 'nearest'")
+        raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear', 'nearest' or 'cubic'")
     if not u.requires_grad and image.shape[2:] == u.shape[2:] and not bool(u.any()):
         return image.clone()  # the identity, exactly (grid_sample's float rounding would blur it)
+    if mode == "cubic":
+        return warp_bspline(bspline_coefficients(image), u, padding)
     grid = _sampling_grid(u, image.shape[2:])
     if grid.shape[0] != image.shape[0]:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding, align_corners=True)
+
+
+# ---------------------------------------------------------------------------------------
+# cubic B-spline interpolation
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _bspline_prefilter_matrix(size: int) -> np.ndarray:
+    """``(size, size)`` float64 matrix taking samples to cubic B-spline coefficients along one
+    axis, mirror boundary (``c[-k] = c[k]``, ``c[n-1+k] = c[n-1-k]``): the inverse of the
+    interpolation matrix ``(c[i-1] + 4 c[i] + c[i+1]) / 6``."""
+    if size == 1:
+        return np.ones((1, 1))
+    interpolation = np.zeros((size, size))
+    for i in range(size):
+        for j, weight in ((i - 1, 1.0), (i, 4.0), (i + 1, 1.0)):
+            j = -j if j < 0 else (2 * (size - 1) - j if j > size - 1 else j)  # mirror
+            interpolation[i, j] += weight / 6.0
+    return np.linalg.inv(interpolation)
+
+
+def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline coefficients ``(N, C, *S)`` of the samples ``image`` ``(N, C, *S)``
+    (mirror boundary; exact: :func:`warp_bspline` at ``u = 0`` gives ``image`` back up to
+    rounding).  Linear in ``image``, differentiable."""
+    for axis in range(image.dim() - 2):
+        size = image.shape[2 + axis]
+        if size > 1:
+            matrix = torch.from_numpy(_bspline_prefilter_matrix(size)).to(image.device, image.dtype)
+            image = torch.matmul(image.movedim(2 + axis, -1), matrix.T).movedim(-1, 2 + axis)
+    return image
+
+
+def _cubic_weights(t: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Cubic B-spline weights of the 4 neighbours ``floor(p) - 1 .. floor(p) + 2`` at the
+    fractional position ``t`` in ``[0, 1)``, and their derivatives with respect to ``t``."""
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    values = (
+        s * s * s / 6.0,
+        (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0,
+        (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
+        t3 / 6.0,
+    )
+    slopes = (-0.5 * s * s, 1.5 * t2 - 2.0 * t, -1.5 * t2 + t + 0.5, 0.5 * t2)
+    return values, slopes
+
+
+_BSPLINE_PAD = 2  # neighbours floor(p) - 1 .. floor(p) + 2 of a clamped p stay in the pad
+
+
+def _bspline_stencil(u: torch.Tensor, shape: Sequence[int], padded_shape: Sequence[int]):
+    """Per axis: neighbour weights and slopes ``(N, *S)``, whether the point lies inside the
+    image along that axis; and the flat index of each point's first neighbour in the padded
+    coefficient volume.  Points outside are clamped to the border (as ``padding="border"``)."""
+    ndim = u.shape[1]
+    strides = [math.prod(padded_shape[axis + 1 :]) for axis in range(ndim)]
+    weights, slopes, inside, base = [], [], [], None
+    for axis in range(ndim):
+        view = [1] * (ndim + 1)
+        view[1 + axis] = u.shape[2 + axis]
+        position = u[:, axis] + torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+        clamped = position.clamp(0, shape[axis] - 1)
+        inside.append(clamped == position)
+        floor = clamped.floor()
+        values, derivatives = _cubic_weights(clamped - floor)
+        weights.append(values)
+        slopes.append(derivatives)
+        term = (floor.long() + (_BSPLINE_PAD - 1)) * strides[axis]
+        base = term if base is None else base + term
+    return weights, slopes, inside, base, strides
+
+
+class _BSplineSample(torch.autograd.Function):
+    """Cubic B-spline sampling of padded coefficients at ``x + u(x)``.
+
+    The forward pass gathers the ``4^ndim`` neighbours once and computes the value and its
+    exact spatial gradient together; the backward pass to ``u`` is then one product, and the
+    one to the coefficients (needed only when they require a gradient) a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        ndim = u.shape[1]
+        batch, channels = padded.shape[:2]
+        volume = math.prod(padded.shape[2:])
+        weights, slopes, inside, base, strides = _bspline_stencil(u, shape, padded.shape[2:])
+        flat = padded.reshape(-1)
+        out = u.new_zeros((batch, channels, *u.shape[2:]))
+        gradient = u.new_zeros((batch, channels, ndim, *u.shape[2:])) if ctx.needs_input_grad[1] else None
+        batch_offset = (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
+        last = ndim - 1
+        for channel in range(channels):
+            start = base + (batch_offset + channel * volume)
+            # the last (contiguous) axis is summed first; the leading axes weight those sums
+            for lead in itertools.product(range(4), repeat=last):
+                index = start + sum(k * stride for k, stride in zip(lead, strides))
+                line = line_slope = None
+                for k in range(4):
+                    values = flat.take(index + k * strides[last] if k else index)
+                    line = values * weights[last][k] if line is None else line.addcmul_(values, weights[last][k])
+                    if gradient is not None:
+                        line_slope = (
+                            values * slopes[last][k]
+                            if line_slope is None
+                            else line_slope.addcmul_(values, slopes[last][k])
+                        )
+                lead_weight = math.prod(weights[axis][k] for axis, k in enumerate(lead))
+                out[:, channel].addcmul_(lead_weight, line)
+                if gradient is not None:
+                    gradient[:, channel, last].addcmul_(lead_weight, line_slope)
+                    for axis, k in enumerate(lead):
+                        others = [weights[b][kb] for b, kb in enumerate(lead) if b != axis]
+                        gradient[:, channel, axis].addcmul_(math.prod(others, start=slopes[axis][k]), line)
+        if gradient is not None:
+            for axis in range(ndim):  # clamped along an axis: no gradient along it (as grid_sample)
+                gradient[:, :, axis].mul_(inside[axis].unsqueeze(1).to(gradient.dtype))
+        ctx.save_for_backward(u, gradient)
+        ctx.shape, ctx.padded_shape = shape, tuple(padded.shape)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        u, gradient = ctx.saved_tensors
+        grad_padded = grad_u = None
+        if ctx.needs_input_grad[1]:
+            grad_u = (gradient * grad.unsqueeze(2)).sum(1)
+        if ctx.needs_input_grad[0]:
+            ndim = u.shape[1]
+            batch, channels = ctx.padded_shape[:2]
+            volume = math.prod(ctx.padded_shape[2:])
+            weights, _, _, base, strides = _bspline_stencil(u, ctx.shape, ctx.padded_shape[2:])
+            flat = grad.new_zeros(math.prod(ctx.padded_shape))
+            batch_offset = (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
+            for channel in range(channels):
+                start = base + (batch_offset + channel * volume)
+                for neighbour in itertools.product(range(4), repeat=ndim):
+                    contribution = math.prod(
+                        (weights[axis][k] for axis, k in enumerate(neighbour)), start=grad[:, channel]
+                    )
+                    index = start + sum(k * stride for k, stride in zip(neighbour, strides))
+                    flat.index_add_(0, index.reshape(-1), contribution.reshape(-1))
+            grad_padded = flat.view(ctx.padded_shape)
+        return grad_padded, grad_u, None
+
+
+def warp_bspline(coefficients: torch.Tensor, u: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Pull an image through ``u`` with cubic B-spline interpolation.
+
+    Args:
+        coefficients: ``(N, C, *S)`` from :func:`bspline_coefficients` (``N`` = 1 or ``u``'s).
+        u: ``(N, ndim, *S_out)`` displacement in voxels of the coefficients' grid.
+        padding: ``"border"`` (points outside are clamped onto the border) or ``"zeros"``.
+
+    Returns:
+        ``(N, C, *S_out)``; differentiable with respect to ``u`` (exact: the derivative of the
+        cubic spline) and to ``coefficients``.
+    """
+    ndim = _check_field(u)
+    if coefficients.dim() != ndim + 2:
+        raise ValueError(
+            f"coefficients {tuple(coefficients.shape)} and displacement {tuple(u.shape)} differ in dimension"
+        )
+    if padding not in ("border", "zeros"):
+        raise ValueError(f"unknown padding {padding!r} for cubic interpolation; use 'border' or 'zeros'")
+    if coefficients.shape[0] != u.shape[0]:
+        coefficients = coefficients.expand(u.shape[0], *coefficients.shape[1:])
+    shape = tuple(coefficients.shape[2:])
+    padded = coefficients
+    for axis, size in enumerate(shape):  # the mirror extension the prefilter assumed
+        pad = [0, 0] * ndim
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = _BSPLINE_PAD
+        # 2 samples mirrored repeat with period 2 (circular); 1 sample is constant
+        mode = "reflect" if size > _BSPLINE_PAD else ("circular" if size == 2 else "replicate")
+        padded = F.pad(padded, pad, mode=mode)
+    out = _BSplineSample.apply(padded.contiguous(), u, shape)
+    if padding == "zeros":
+        out = out * _inside(u, shape).unsqueeze(1).to(out.dtype)
+    return out.to(coefficients.dtype)
+
+
+def _inside(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(N, *S)`` True where ``x + u(x)`` lies within the grid ``shape`` (voxel centres 0..n-1)."""
+    inside = None
+    for axis in range(u.shape[1]):
+        view = [1] * (u.shape[1] + 1)
+        view[1 + axis] = u.shape[2 + axis]
+        position = u[:, axis] + torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+        ok = (position >= 0) & (position <= shape[axis] - 1)
+        inside = ok if inside is None else inside & ok
+    return inside
 
 
 def compose(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,7 @@ def test_bad_input_exits_2_with_a_message_and_no_output(inputs, tmp_path, capsys
         ("--regularizer", "l3"),
         ("--normalization", "zscore"),
         ("--iterations", "10,x"),
+        ("--interpolation", "nearest"),
     ],
 )
 def test_unknown_option_values_are_rejected_by_the_parser(inputs, tmp_path, capsys, option, value):
@@ -297,6 +298,24 @@ def test_apply_linear_reproduces_warped_image(cli_run, inputs, tmp_path):
         sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))),
         atol=1e-5,
     )
+
+
+def test_register_and_apply_with_cubic_interpolation(inputs, tmp_path, capsys):
+    out = tmp_path / "cubic"
+    args = _register_args(inputs, out, *FAST, "--mode", "instance", "--interpolation", "cubic")
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interpolation"] == "cubic" and summary["similarity_after"] > summary["similarity_before"]
+    applied = tmp_path / "moving_applied.nii.gz"
+    apply = ["apply", "--displacement", str(out / "displacement.nii.gz"), "--image", inputs["moving.nii.gz"]]
+    apply += ["--reference", inputs["fixed.nii.gz"]]
+    assert main([*apply, "--interpolation", "cubic", "--out", str(applied)]) == 0
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(applied))), warped, atol=1e-5)
+    # B-spline resampling differs from linear resampling of the same field
+    linear = tmp_path / "moving_linear.nii.gz"
+    assert main([*apply, "--out", str(linear)]) == 0
+    assert np.abs(sitk.GetArrayFromImage(sitk.ReadImage(str(linear))) - warped).max() > 1e-3
 
 
 def test_apply_refuses_to_overwrite(cli_run, inputs, tmp_path, capsys):

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from cnnreg.spatial import (
+    bspline_coefficients,
     compose,
     filter_axis,
     gaussian_kernel1d,
@@ -23,6 +24,7 @@ from cnnreg.spatial import (
     resize_image,
     voxel_to_lps,
     warp,
+    warp_bspline,
 )
 
 SHAPES = [(17, 23), (11, 13, 9)]
@@ -153,7 +155,9 @@ def test_warp_rejects_bad_shapes_and_interpolation():
     with pytest.raises(ValueError, match="dimension"):
         warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="interpolation"):
-        warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), interpolation="cubic")
+        warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), interpolation="quintic")
+    with pytest.raises(ValueError, match="padding"):
+        warp(torch.zeros(1, 1, 4, 4), torch.ones(1, 2, 4, 4), interpolation="cubic", padding="reflection")
 
 
 def test_warp_broadcasts_one_field_over_a_batch_and_keeps_dtype():
@@ -167,6 +171,89 @@ def test_warp_broadcasts_one_field_over_a_batch_and_keeps_dtype():
 # --------------------------------------------------------------------------------------
 # composition and resizing
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# cubic B-spline interpolation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(17, 23), (11, 13, 9), (2, 7), (1, 5, 6), (3, 2, 4)])
+def test_cubic_identity_reproduces_every_sample_including_the_edges(shape):
+    # the prefilter is the exact inverse of the interpolation with the mirror boundary, so
+    # u = 0 (taking the sampling path: u requires a gradient) returns the samples
+    image = _random((2, 2, *shape), seed=1, dtype=torch.float64)
+    u = torch.zeros(2, len(shape), *shape, dtype=torch.float64, requires_grad=True)
+    np.testing.assert_allclose(warp(image, u, "cubic").detach().numpy(), image.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_cubic_shift_of_a_cubic_polynomial_is_exact_away_from_the_edges(ndim):
+    # cubic B-spline interpolation reproduces polynomials of degree <= 3; linear does not
+    shape = (36,) * ndim if ndim == 2 else (30, 30, 30)
+    grid = identity_grid(shape, dtype=torch.float64)[0]
+    x = grid / 10.0
+
+    def polynomial(p):
+        value = 1.0 + 0.5 * p[0] - 0.3 * p[0] ** 2 + 0.2 * p[-1] ** 3
+        return value - 0.4 * p[0] * p[1] ** 2
+
+    shift = (0.37, -0.61, 0.25)[:ndim]
+    u = _constant_field(shape, shift, torch.float64)
+    expected = polynomial(x + u[0] / 10.0)
+    inner = (slice(12, -12),) * ndim
+    cubic = warp(polynomial(x)[None, None], u, "cubic")[0, 0]
+    linear = warp(polynomial(x)[None, None], u, "linear")[0, 0]
+    assert (cubic - expected)[inner].abs().max() < 1e-6
+    assert (linear - expected)[inner].abs().max() > 3e-4  # the curvature linear interpolation misses
+
+
+def test_cubic_warp_equals_simpleitk_bspline_resampling():
+    # SimpleITK's order-3 B-spline interpolator on a translation, index space
+    shape = (14, 17, 15)
+    array = np.asarray(_random(shape, seed=2, dtype=torch.float64))
+    shift = np.array([0.3, -1.45, 2.7])  # (k, j, i) voxels
+    image = sitk.GetImageFromArray(array)
+    transform = sitk.TranslationTransform(3, tuple(float(s) for s in shift[::-1]))  # (x, y, z) = (i, j, k)
+    itk = sitk.GetArrayFromImage(sitk.Resample(image, image, transform, sitk.sitkBSpline, -1.0, sitk.sitkFloat64))
+    ours = warp(torch.from_numpy(array)[None, None], _constant_field(shape, shift, torch.float64), "cubic")
+    # points at least 2 voxels inside (near the edge the two boundary extensions differ)
+    positions = identity_grid(shape, dtype=torch.float64)[0].numpy() + shift.reshape(3, 1, 1, 1)
+    deep = np.all([(p >= 2) & (p <= n - 3) for p, n in zip(positions, shape)], axis=0)
+    assert deep.sum() > 1000
+    np.testing.assert_allclose(ours[0, 0].numpy()[deep], itk[deep], atol=1e-12)
+
+
+def test_cubic_zeros_padding_and_border_clamping():
+    image = torch.ones(1, 1, 6, 7, dtype=torch.float64)
+    u = _constant_field((6, 7), (0.0, 3.5), torch.float64)
+    zeros = warp(image, u, "cubic", padding="zeros")[0, 0]
+    border = warp(image, u, "cubic")[0, 0]
+    # columns 0..2 sample inside (i + 3.5 <= 6), columns 3..6 outside
+    assert torch.allclose(zeros[:, :3], torch.ones(6, 3, dtype=torch.float64)) and torch.all(zeros[:, 3:] == 0)
+    assert torch.allclose(border, torch.ones_like(border))
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (4, 5, 3), (2, 5)])
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_cubic_warp_gradcheck_image_and_displacement(shape, padding):
+    ndim = len(shape)
+    image = _random((2, 1, *shape), seed=3, dtype=torch.float64).requires_grad_(True)
+    # up to +-1.5 voxels: points outside the grid (clamped) are part of the check
+    u = ((_random((2, ndim, *shape), seed=4, dtype=torch.float64) - 0.5) * 3.0).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda i, v: warp(i, v, "cubic", padding), (image, u))
+
+
+def test_cubic_warp_of_prefiltered_coefficients_broadcasts_over_a_batch_and_channels():
+    image = _random((1, 3, 9, 8, 7), seed=5, dtype=torch.float64)
+    u = (_random((2, 3, 9, 8, 7), seed=6, dtype=torch.float64) - 0.5) * 2.0
+    both = warp_bspline(bspline_coefficients(image), u)
+    assert both.shape == (2, 3, 9, 8, 7)
+    for n in range(2):
+        for c in range(3):
+            one = warp(image[:, c : c + 1], u[n : n + 1], "cubic")
+            assert torch.allclose(both[n, c], one[0, 0], atol=1e-12)
+
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
