@@ -255,7 +255,6 @@ def test_cubic_warp_of_prefiltered_coefficients_broadcasts_over_a_batch_and_chan
             assert torch.allclose(both[n, c], one[0, 0], atol=1e-12)
 
 
-
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
 def test_compose_of_constant_shifts_is_their_sum(shape):
     ndim = len(shape)
