@@ -169,6 +169,38 @@ def _bspline_stencil(u: torch.Tensor, shape: Sequence[int], padded_shape: Sequen
     return weights, slopes, inside, base, strides
 
 
+def _bspline_reduce(flat, index, strides, weights, slopes, with_slopes, axis=0, offset=0):
+    """Sum the neighbours of axes ``axis..ndim-1`` (the last, contiguous axis innermost):
+    returns the partial value and, if ``with_slopes``, its derivatives along those axes.
+
+    ``flat`` is the padded coefficient volume, flattened; ``index`` the flat index of each
+    point's first neighbour; neighbours are read from views of ``flat`` shifted by ``offset``
+    (no index arithmetic per neighbour)."""
+    value = None
+    derivatives = []
+    for k in range(4):
+        shifted = offset + k * strides[axis]
+        if axis == len(strides) - 1:
+            part = flat.narrow(0, shifted, flat.numel() - shifted).take(index)
+            part_derivatives = []
+        else:
+            part, part_derivatives = _bspline_reduce(
+                flat, index, strides, weights, slopes, with_slopes, axis + 1, shifted
+            )
+        w = weights[axis][k]
+        if value is None:
+            value = part * w
+            if with_slopes:
+                derivatives = [part * slopes[axis][k]] + [d * w for d in part_derivatives]
+        else:
+            value.addcmul_(part, w)
+            if with_slopes:
+                derivatives[0].addcmul_(part, slopes[axis][k])
+                for total, d in zip(derivatives[1:], part_derivatives):
+                    total.addcmul_(d, w)
+    return value, derivatives
+
+
 class _BSplineSample(torch.autograd.Function):
     """Cubic B-spline sampling of padded coefficients at ``x + u(x)``.
 
@@ -183,38 +215,21 @@ class _BSplineSample(torch.autograd.Function):
         volume = math.prod(padded.shape[2:])
         weights, slopes, inside, base, strides = _bspline_stencil(u, shape, padded.shape[2:])
         flat = padded.reshape(-1)
-        out = u.new_zeros((batch, channels, *u.shape[2:]))
-        gradient = u.new_zeros((batch, channels, ndim, *u.shape[2:])) if ctx.needs_input_grad[1] else None
+        with_slopes = ctx.needs_input_grad[1]
         batch_offset = (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
-        last = ndim - 1
+        values, gradients = [], []
         for channel in range(channels):
-            start = base + (batch_offset + channel * volume)
-            # the last (contiguous) axis is summed first; the leading axes weight those sums
-            for lead in itertools.product(range(4), repeat=last):
-                index = start + sum(k * stride for k, stride in zip(lead, strides))
-                line = line_slope = None
-                for k in range(4):
-                    values = flat.take(index + k * strides[last] if k else index)
-                    line = values * weights[last][k] if line is None else line.addcmul_(values, weights[last][k])
-                    if gradient is not None:
-                        line_slope = (
-                            values * slopes[last][k]
-                            if line_slope is None
-                            else line_slope.addcmul_(values, slopes[last][k])
-                        )
-                lead_weight = math.prod(weights[axis][k] for axis, k in enumerate(lead))
-                out[:, channel].addcmul_(lead_weight, line)
-                if gradient is not None:
-                    gradient[:, channel, last].addcmul_(lead_weight, line_slope)
-                    for axis, k in enumerate(lead):
-                        others = [weights[b][kb] for b, kb in enumerate(lead) if b != axis]
-                        gradient[:, channel, axis].addcmul_(math.prod(others, start=slopes[axis][k]), line)
-        if gradient is not None:
-            for axis in range(ndim):  # clamped along an axis: no gradient along it (as grid_sample)
-                gradient[:, :, axis].mul_(inside[axis].unsqueeze(1).to(gradient.dtype))
+            value, derivatives = _bspline_reduce(
+                flat, base + (batch_offset + channel * volume), strides, weights, slopes, with_slopes
+            )
+            values.append(value)
+            if with_slopes:
+                # clamped along an axis: no gradient along it (as grid_sample's border mode)
+                gradients.append(torch.stack([d * ok for d, ok in zip(derivatives, inside)], dim=1))
+        gradient = torch.stack(gradients, dim=1) if with_slopes else None  # (N, C, ndim, *S)
         ctx.save_for_backward(u, gradient)
         ctx.shape, ctx.padded_shape = shape, tuple(padded.shape)
-        return out
+        return torch.stack(values, dim=1)
 
     @staticmethod
     @once_differentiable
