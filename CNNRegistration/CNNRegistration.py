@@ -29,7 +29,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CNNRegistrationLib import dependencies, nodes, registration
-from CNNRegistrationLib.settings import PRESETS, Device, Mode, RegistrationSettings, Regularizer, Similarity
+from CNNRegistrationLib.settings import (
+    PRESETS,
+    Device,
+    Interpolation,
+    Mode,
+    RegistrationSettings,
+    Regularizer,
+    Similarity,
+)
 
 #
 # CNNRegistration
@@ -81,6 +89,7 @@ class CNNRegistrationParameterNode:
     regularizer: Regularizer = Regularizer.DIFFUSION
     weight: Annotated[float, WithinRange(0, 100)] = 1.0
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
+    interpolation: Interpolation = Interpolation.LINEAR
     device: Device = Device.AUTO
     keepTemporaryFiles: bool = False
     showJacobian: bool = False
@@ -342,6 +351,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
             iterations=parameterNode.iterations,
+            interpolation=parameterNode.interpolation,
             device=parameterNode.device,
             keepTemporaryFiles=parameterNode.keepTemporaryFiles,
         )

@@ -51,6 +51,16 @@ class Regularizer(enum.Enum):
         return _LABELS[self]
 
 
+class Interpolation(enum.Enum):
+    """How the moving image is sampled: in the similarity term and in the warped volume."""
+
+    LINEAR = "linear"
+    CUBIC = "cubic"
+
+    def label(self) -> str:
+        return _LABELS[self]
+
+
 class Device(enum.Enum):
     """Compute device of the backend process (``auto``: CUDA when available, else CPU)."""
 
@@ -77,6 +87,8 @@ _LABELS = {
     Regularizer.TOTAL_VARIATION: "Total variation",
     Regularizer.BENDING: "Bending energy",
     Regularizer.NEGATIVE_JACOBIAN: "Negative-Jacobian penalty",
+    Interpolation.LINEAR: "Linear (fast)",
+    Interpolation.CUBIC: "Cubic B-spline (sub-voxel accurate, slower)",
     Device.AUTO: "Automatic (GPU if available)",
     Device.CPU: "CPU",
     Device.CUDA: "CUDA GPU",
@@ -90,7 +102,9 @@ class RegistrationSettings:
     ``weight`` is the regularization weight (dimensionless, 0 to 100). ``iterations`` is
     per pyramid level for ``phantom`` and ``instance`` (``--iterations``), the number of
     refinement iterations for ``learned-refine`` (``--refine-iterations``), unused for
-    ``learned``; 0 leaves it to the backend's default.
+    ``learned``; 0 leaves it to the backend's default.  ``interpolation`` samples the moving
+    image in the similarity term and in the warped volume (cubic: more accurate sub-voxel
+    alignment at about 1.5x the run time).
     """
 
     mode: Mode = Mode.PHANTOM
@@ -98,6 +112,7 @@ class RegistrationSettings:
     regularizer: Regularizer = Regularizer.DIFFUSION
     weight: float = 1.0
     iterations: int = 0
+    interpolation: Interpolation = Interpolation.LINEAR
     device: Device = Device.AUTO
     seed: int | None = None
     keepTemporaryFiles: bool = False
@@ -107,6 +122,7 @@ class RegistrationSettings:
         self.mode = Mode(self.mode)
         self.similarity = Similarity(self.similarity)
         self.regularizer = Regularizer(self.regularizer)
+        self.interpolation = Interpolation(self.interpolation)
         self.device = Device(self.device)
         if not 0.0 <= float(self.weight) <= 100.0:
             raise ValueError(f"regularization weight must be within [0, 100], got {self.weight}")
@@ -124,6 +140,8 @@ class RegistrationSettings:
             self.regularizer.value,
             "--weight",
             repr(float(self.weight)),
+            "--interpolation",
+            self.interpolation.value,
             "--device",
             self.device.value,
         ]

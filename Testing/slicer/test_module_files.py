@@ -75,7 +75,9 @@ def test_parameter_bindings_match_the_parameter_node():
         elif annotation == "bool":
             assert cls == "QCheckBox", (parameter, cls)
         else:
-            assert annotation in ("Mode", "Similarity", "Regularizer", "Device") and cls == "QComboBox", (
+            assert (
+                annotation in ("Mode", "Similarity", "Regularizer", "Interpolation", "Device") and cls == "QComboBox"
+            ), (
                 parameter,
                 cls,
             )
@@ -177,6 +179,7 @@ def test_settings_match_the_backend_choices():
         (settings.Mode, conventions.Mode),
         (settings.Similarity, conventions.Similarity),
         (settings.Regularizer, conventions.Regularizer),
+        (settings.Interpolation, conventions.SimilarityInterpolation),
     ]
     for ours, theirs in pairs:
         assert [member.value for member in ours] == [member.value for member in theirs] or sorted(
@@ -200,7 +203,7 @@ def test_settings_command_line_and_presets():
     assert settings.presetSettings("Phantom to CT").similarity is settings.Similarity.PCC_SSIM
     assert all(
         member.label()
-        for enum in (settings.Mode, settings.Similarity, settings.Regularizer, settings.Device)
+        for enum in (settings.Mode, settings.Similarity, settings.Regularizer, settings.Interpolation, settings.Device)
         for member in enum
     )
 

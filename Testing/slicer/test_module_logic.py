@@ -85,13 +85,14 @@ def test_parameter_node_declaration(module):
         "regularizer",
         "weight",
         "iterations",
+        "interpolation",
         "device",
         "keepTemporaryFiles",
         "outputVolume",
         "outputTransform",
         "outputJacobian",
     }
-    for name in ("mode", "similarity", "regularizer", "device"):
+    for name in ("mode", "similarity", "regularizer", "interpolation", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
     for name in ("weight", "iterations"):
         limits = typing.get_args(hints[name])[1]
@@ -108,6 +109,10 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
+    assert settings.interpolation.value == "linear"
+    parameterNode.interpolation = module.Interpolation.CUBIC
+    settings = logic.settingsFromParameterNode(parameterNode)
+    assert settings.commandLineArguments()[settings.commandLineArguments().index("--interpolation") + 1] == "cubic"
     text = logic.formatSummary(
         {
             "similarity": "lncc",

@@ -179,7 +179,14 @@ def test_job_refuses_bad_node_choices(scene):
 def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
     fixed, moving = smallPair(scene)
     settings = RegistrationSettings(
-        mode="instance", similarity="pcc+ssim", regularizer="tv", weight=0.5, iterations=7, device="cpu", seed=3
+        mode="instance",
+        similarity="pcc+ssim",
+        regularizer="tv",
+        weight=0.5,
+        iterations=7,
+        interpolation="cubic",
+        device="cpu",
+        seed=3,
     )
     job = registration.RegistrationJob(
         fixed, moving, settings, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path)
@@ -192,6 +199,7 @@ def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
         ("--regularizer", "tv"),
         ("--weight", "0.5"),
         ("--iterations", "7"),
+        ("--interpolation", "cubic"),
         ("--device", "cpu"),
         ("--seed", "3"),
         ("--progress", "jsonl"),
