@@ -30,6 +30,7 @@ SUMMARY_KEYS = {
     "device",
     "seed",
     "affine",
+    "interpolation",
     "normalization",
     "seconds",
     "similarity_before",
