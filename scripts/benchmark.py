@@ -51,49 +51,20 @@ from cnnreg import evaluate  # noqa: E402
 # ---------------------------------------------------------------------------------------
 # What to run.  Our configurations: name -> `cnnreg register` arguments (besides the files).
 # ---------------------------------------------------------------------------------------
+_INSTANCE_LNCC = ["--mode", "instance", "--similarity", "lncc", "--regularizer", "diffusion"]
+# tuned on mni2mm for smooth warps: 3-voxel LNCC window, regularizer weight 0.5, control grid
+# 6 voxels (the coarser grid costs ~0.02 Dice on the real pair mni_colin, whose differences
+# are less smooth)
+_SMOOTH_WARPS = ["--window", "3", "--weight", "0.5", "--control-spacing", "6"]
 OUR_CONFIGS: dict[str, list[str]] = {
     # instance mode with its defaults (LNCC window 5, control grid 4 voxels, 100/60/30 iterations)
-    "instance-lncc": ["--mode", "instance", "--similarity", "lncc", "--regularizer", "diffusion"],
-    # the fast setting for smooth warps, tuned on mni2mm: 3-voxel LNCC window, regularizer
-    # weight 0.5, control grid 6 voxels, 20 iterations at full resolution (the coarser control
-    # grid costs ~0.02 Dice on the real pair mni_colin, whose differences are less smooth)
-    "instance-fast": [
-        "--mode",
-        "instance",
-        "--similarity",
-        "lncc",
-        "--regularizer",
-        "diffusion",
-        "--window",
-        "3",
-        "--weight",
-        "0.5",
-        "--control-spacing",
-        "6",
-        "--iterations",
-        "100,60,20",
-    ],
-    # the accurate setting: the fast one with the moving image sampled by cubic B-spline in
-    # the similarity term (linear interpolation biases the optimum by a few tenths of a
-    # voxel) and 40 iterations at the two finer levels
-    "instance-accurate": [
-        "--mode",
-        "instance",
-        "--similarity",
-        "lncc",
-        "--regularizer",
-        "diffusion",
-        "--window",
-        "3",
-        "--weight",
-        "0.5",
-        "--control-spacing",
-        "6",
-        "--interpolation",
-        "cubic",
-        "--iterations",
-        "100,40,40",
-    ],
+    "instance-lncc": _INSTANCE_LNCC,
+    # the fast setting: 20 iterations at full resolution
+    "instance-fast": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--iterations", "100,60,20"],
+    # the accurate setting: the moving image sampled by cubic B-spline in the similarity term
+    # (linear interpolation biases the optimum by a few tenths of a voxel), 40 iterations at
+    # each of the two finer levels
+    "instance-accurate": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--interpolation", "cubic", "--iterations", "100,40,40"],
     # phantom mode sized for a CPU: the U-Net works on <= 64^3 voxels, field upsampled
     "phantom-lncc": [
         "--mode",
