@@ -212,7 +212,8 @@ def markdown(results: dict) -> str:
         "inside the fixed labels.",
         "* Time: `reg s` = the registration call as timed inside the child (for cnnreg: the `seconds` of its "
         "summary); `wall s` = the whole child process (interpreter start, imports, file I/O). Peak memory: "
-        "the child's own `ru_maxrss`. `load` = 1-minute load average when the method started (the machine is shared: "
+        "the child's own high-water mark (`VmHWM`; runs before 2026-12-02T04:10 used `ru_maxrss`, which starts at "
+        "the benchmark process's own RSS). `load` = 1-minute load average when the method started (the machine is shared: "
         "timings above ~2 are inflated).",
         "",
     ]

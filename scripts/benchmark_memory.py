@@ -44,7 +44,10 @@ code = main({argv!r})
 seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu_seconds = usage.ru_utime + usage.ru_stime
-peak_rss = usage.ru_maxrss / 2**20  # KiB -> GiB
+# VmHWM: this process image's own peak (ru_maxrss would start at the parent's RSS)
+peak_kib = next((float(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")),
+                float(usage.ru_maxrss))
+peak_rss = peak_kib / 2**20  # KiB -> GiB
 cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 print("RESULT " + json.dumps({{"code": code, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": peak_rss,
                              "cuda_peak_gib": cuda}}))

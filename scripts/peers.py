@@ -3,8 +3,8 @@
 
 Every method runs in its own child process (``python scripts/peers.py --child METHOD ...``)
 with ``OMP_NUM_THREADS`` / ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` set to the thread budget;
-the child reports its own peak memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, plus
-that of any process it waited for) and the time of the registration call, and the parent
+the child reports its own peak memory (``VmHWM`` of ``/proc/self/status``, plus the
+``ru_maxrss`` of any process it waited for) and the time of the registration call, and the parent
 adds the wall time of the whole child (interpreter start, imports and file I/O included).
 
 Methods
@@ -448,10 +448,28 @@ def warp_outputs(case: dict, out: Path) -> dict:
     return {key: str(path) for key, path in files.items()}
 
 
+def _own_peak_rss_kib() -> float:
+    """Peak resident memory of this process image, KiB.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` is no good for a child, as the
+    kernel carries the spawning process's high-water mark across fork + exec, so every method
+    would weigh at least as much as the benchmark process that started it.  Elsewhere
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if sys.platform == "darwin" else float(peak)
+
+
 def _peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024.0  # KiB on Linux
+    """Peak memory of this child (and of any process it waited for), MiB."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # 0 when none ran
+    return max(_own_peak_rss_kib(), float(children)) / 1024.0
 
 
 def child_main(
