@@ -36,7 +36,9 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 sys.path.insert(0, {backend!r})
+sys.path.insert(0, {scripts!r})
 from cnnreg.cli import main
+from peers import own_peak_rss_kib
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
@@ -44,10 +46,7 @@ code = main({argv!r})
 seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu_seconds = usage.ru_utime + usage.ru_stime
-# VmHWM: this process image's own peak (ru_maxrss would start at the parent's RSS)
-peak_kib = next((float(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")),
-                float(usage.ru_maxrss))
-peak_rss = peak_kib / 2**20  # KiB -> GiB
+peak_rss = own_peak_rss_kib() / 2**20  # KiB -> GiB
 cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 print("RESULT " + json.dumps({{"code": code, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": peak_rss,
                              "cuda_peak_gib": cuda}}))
@@ -102,7 +101,7 @@ def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads
         "none",
         "--no-qc",
     ]
-    code = CHILD.format(backend=os.path.join(ROOT, "CNNRegistration"), argv=argv)
+    code = CHILD.format(backend=os.path.join(ROOT, "CNNRegistration"), scripts=os.path.join(ROOT, "scripts"), argv=argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

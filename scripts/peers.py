@@ -448,7 +448,7 @@ def warp_outputs(case: dict, out: Path) -> dict:
     return {key: str(path) for key, path in files.items()}
 
 
-def _own_peak_rss_kib() -> float:
+def own_peak_rss_kib() -> float:
     """Peak resident memory of this process image, KiB.
 
     On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` is no good for a child, as the
@@ -469,7 +469,7 @@ def _own_peak_rss_kib() -> float:
 def _peak_rss_mib() -> float:
     """Peak memory of this child (and of any process it waited for), MiB."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # 0 when none ran
-    return max(_own_peak_rss_kib(), float(children)) / 1024.0
+    return max(own_peak_rss_kib(), float(children)) / 1024.0
 
 
 def child_main(

@@ -41,20 +41,30 @@ def _normalization(shape: Sequence[int], device, dtype) -> tuple[torch.Tensor, t
     return scale, (scale != 0).to(dtype)
 
 
+def _sample_points(u: torch.Tensor, axis: int) -> torch.Tensor:
+    """``(N, *S)`` voxel coordinate along ``axis`` of the points ``x + u(x)``, from a broadcast
+    index (no identity grid)."""
+    ndim = u.shape[1]
+    view = [1] * (ndim + 1)
+    view[1 + axis] = u.shape[2 + axis]
+    return u[:, axis] + torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+
+
+def _pad_axis(ndim: int, axis: int, width: int) -> list[int]:
+    """``F.pad`` list padding only spatial ``axis`` (of ``ndim``) by ``width`` on both sides
+    (``F.pad`` lists the last axis first)."""
+    pad = [0, 0] * ndim
+    pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = width
+    return pad
+
+
 def _sampling_grid(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``grid_sample`` grid ``(N, *S, ndim)`` in ``[-1, 1]`` of the voxel points ``x + u(x)`` of a
     grid of size ``shape`` (align_corners=True), last axis reversed to ``(x=W, y=H[, z=D])`` as
     ``grid_sample`` expects.  Built one axis at a time from a broadcast index (no identity grid
     and no full-size intermediates besides one component at a time and the result)."""
-    ndim = u.shape[1]
     scale, offset = _normalization(shape, u.device, u.dtype)
-    channels = u.unbind(1)
-    components = []
-    for axis in reversed(range(ndim)):
-        view = [1] * (ndim + 1)
-        view[1 + axis] = u.shape[2 + axis]
-        index = torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
-        components.append((channels[axis] + index) * scale[axis] - offset[axis])
+    components = [_sample_points(u, axis) * scale[axis] - offset[axis] for axis in reversed(range(u.shape[1]))]
     return torch.stack(components, dim=-1)
 
 
@@ -149,15 +159,16 @@ _BSPLINE_PAD = 2  # neighbours floor(p) - 1 .. floor(p) + 2 of a clamped p stay 
 
 def _bspline_stencil(u: torch.Tensor, shape: Sequence[int], padded_shape: Sequence[int]):
     """Per axis: neighbour weights and slopes ``(N, *S)``, whether the point lies inside the
-    image along that axis; and the flat index of each point's first neighbour in the padded
-    coefficient volume.  Points outside are clamped to the border (as ``padding="border"``)."""
+    image along that axis; per channel, the flat index of each point's first neighbour in the
+    padded coefficients ``padded_shape`` = ``(N, C, *S_padded)``; the spatial strides.  Points
+    outside are clamped to the border (as ``padding="border"``)."""
     ndim = u.shape[1]
-    strides = [math.prod(padded_shape[axis + 1 :]) for axis in range(ndim)]
+    batch, channels, *spatial = padded_shape
+    volume = math.prod(spatial)
+    strides = [math.prod(spatial[axis + 1 :]) for axis in range(ndim)]
     weights, slopes, inside, base = [], [], [], None
     for axis in range(ndim):
-        view = [1] * (ndim + 1)
-        view[1 + axis] = u.shape[2 + axis]
-        position = u[:, axis] + torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+        position = _sample_points(u, axis)
         clamped = position.clamp(0, shape[axis] - 1)
         inside.append(clamped == position)
         floor = clamped.floor()
@@ -166,7 +177,9 @@ def _bspline_stencil(u: torch.Tensor, shape: Sequence[int], padded_shape: Sequen
         slopes.append(derivatives)
         term = (floor.long() + (_BSPLINE_PAD - 1)) * strides[axis]
         base = term if base is None else base + term
-    return weights, slopes, inside, base, strides
+    base = base + (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
+    starts = [base + channel * volume for channel in range(channels)]
+    return weights, slopes, inside, starts, strides
 
 
 def _bspline_reduce(flat, index, strides, weights, slopes, with_slopes, axis=0, offset=0):
@@ -210,18 +223,12 @@ class _BSplineSample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, padded: torch.Tensor, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        ndim = u.shape[1]
-        batch, channels = padded.shape[:2]
-        volume = math.prod(padded.shape[2:])
-        weights, slopes, inside, base, strides = _bspline_stencil(u, shape, padded.shape[2:])
+        weights, slopes, inside, starts, strides = _bspline_stencil(u, shape, padded.shape)
         flat = padded.reshape(-1)
         with_slopes = ctx.needs_input_grad[1]
-        batch_offset = (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
         values, gradients = [], []
-        for channel in range(channels):
-            value, derivatives = _bspline_reduce(
-                flat, base + (batch_offset + channel * volume), strides, weights, slopes, with_slopes
-            )
+        for start in starts:
+            value, derivatives = _bspline_reduce(flat, start, strides, weights, slopes, with_slopes)
             values.append(value)
             if with_slopes:
                 # clamped along an axis: no gradient along it (as grid_sample's border mode)
@@ -239,15 +246,10 @@ class _BSplineSample(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_u = (gradient * grad.unsqueeze(2)).sum(1)
         if ctx.needs_input_grad[0]:
-            ndim = u.shape[1]
-            batch, channels = ctx.padded_shape[:2]
-            volume = math.prod(ctx.padded_shape[2:])
-            weights, _, _, base, strides = _bspline_stencil(u, ctx.shape, ctx.padded_shape[2:])
+            weights, _, _, starts, strides = _bspline_stencil(u, ctx.shape, ctx.padded_shape)
             flat = grad.new_zeros(math.prod(ctx.padded_shape))
-            batch_offset = (torch.arange(batch, device=u.device) * (channels * volume)).view(batch, *[1] * ndim)
-            for channel in range(channels):
-                start = base + (batch_offset + channel * volume)
-                for neighbour in itertools.product(range(4), repeat=ndim):
+            for channel, start in enumerate(starts):
+                for neighbour in itertools.product(range(4), repeat=u.shape[1]):
                     contribution = math.prod(
                         (weights[axis][k] for axis, k in enumerate(neighbour)), start=grad[:, channel]
                     )
@@ -281,11 +283,9 @@ def warp_bspline(coefficients: torch.Tensor, u: torch.Tensor, padding: str = "bo
     shape = tuple(coefficients.shape[2:])
     padded = coefficients
     for axis, size in enumerate(shape):  # the mirror extension the prefilter assumed
-        pad = [0, 0] * ndim
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = _BSPLINE_PAD
         # 2 samples mirrored repeat with period 2 (circular); 1 sample is constant
         mode = "reflect" if size > _BSPLINE_PAD else ("circular" if size == 2 else "replicate")
-        padded = F.pad(padded, pad, mode=mode)
+        padded = F.pad(padded, _pad_axis(ndim, axis, _BSPLINE_PAD), mode=mode)
     out = _BSplineSample.apply(padded.contiguous(), u, shape)
     if padding == "zeros":
         out = out * _inside(u, shape).unsqueeze(1).to(out.dtype)
@@ -296,9 +296,7 @@ def _inside(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``(N, *S)`` True where ``x + u(x)`` lies within the grid ``shape`` (voxel centres 0..n-1)."""
     inside = None
     for axis in range(u.shape[1]):
-        view = [1] * (u.shape[1] + 1)
-        view[1 + axis] = u.shape[2 + axis]
-        position = u[:, axis] + torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype).view(view)
+        position = _sample_points(u, axis)
         ok = (position >= 0) & (position <= shape[axis] - 1)
         inside = ok if inside is None else inside & ok
     return inside
@@ -352,9 +350,7 @@ class _AxisFilter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, taps: tuple[float, ...], replicate: bool) -> torch.Tensor:
-        radius = len(taps) // 2
-        pad = [0, 0] * (x.dim() - 2)  # F.pad lists the last axis first
-        pad[2 * (x.dim() - 1 - dim)] = pad[2 * (x.dim() - 1 - dim) + 1] = radius
+        pad = _pad_axis(x.dim() - 2, dim - 2, len(taps) // 2)
         padded = F.pad(x, pad, mode="replicate") if replicate else F.pad(x, pad)
         ctx.dim, ctx.taps, ctx.replicate = dim, taps, replicate
         return _correlate_valid(padded, dim, taps, x.shape[dim])
