@@ -1,36 +1,43 @@
 #!/usr/bin/env python
-"""Regenerate the shipped learned-mode weights (``Resources/Models``) from scratch.
+"""Regenerate the shipped learned-mode weights (``CNNRegistration/cnnreg/models``) from scratch.
 
 Usage::
 
-    python scripts/train_weights.py                       # both models -> Resources/Models (GPU advised)
-    python scripts/train_weights.py --only 3d --device cuda
-    python scripts/train_weights.py --quick               # 2 tiny epochs per model -> a temporary folder
+    python scripts/train_weights.py --threads 2                      # both models, to the end of the recipe
+    python scripts/train_weights.py --only 3d --time-limit 3h --resume  # one session's share, then stop
+    python scripts/train_weights.py --quick                          # tiny run of each recipe -> a temporary folder
+
+Training is resumable and can span sessions: every epoch (about 5 minutes of CPU at one
+thread) writes ``Resources/Training/<model>.last.pt`` (network, optimiser, epoch; the pairs of
+an epoch are drawn from a generator seeded by the seed and the epoch, so a resumed run draws
+what an uninterrupted one would), appends the epoch to ``Resources/Training/<model>_log.jsonl``
+and redraws the curve; ``--time-limit`` starts no epoch that would end after the limit.
+Whenever a run stops, the best epoch so far (validation Dice) is copied to the shipped folder
+with ``models.json`` (SHA-256, settings, validation numbers, steps, CPU hours) and the model
+card ``README.md``; ``--resume`` continues from the ``.last.pt``.
 
 Data (installed by package managers on a fresh machine; nothing is downloaded at run time):
 
-* MNI152 2009a T1 (nilearn, ``load_mni152_template``), the fixed reference: the 3D grid is
-  the template at 2 mm cropped to 96^3 around the brain (the ``mni2mm`` benchmark grid);
-* Colin27 ``ch2bet`` (Debian ``mricron-data``, /usr/share/mricron/templates; the brain-extracted
-  version of ``ch2``, because the MNI template is brain-only too);
-* ITK's KmeansTest T1 times its skull-strip brain mask (Debian ``insighttoolkit5-examples``:
-  ``KmeansTest_T1UCharRaw`` x (``KmeansTest_T1RawSkullStrip`` > 0)) -- **held out**: it is used
-  only for validation.
+* MNI152 2009a T1 (nilearn, ``load_mni152_template``), also the reference grid: 2 mm, cropped
+  to 96^3 around the brain (the ``mni2mm`` benchmark grid); the 3D network works on it
+  resampled to 64^3 (3 mm);
+* Colin27 ``ch2bet`` with the AAL atlas (Debian ``mricron-data``), affinely aligned to MNI152;
+* ITK's KmeansTest T1 times its skull-strip brain mask (Debian ``insighttoolkit5-examples``)
+  -- **held out**, validation only; so is the real MNI152 <-> Colin27 pair (training never
+  pairs the two brains).
 
-Colin27 and the ITK T1 are affinely aligned to MNI152 (SimpleITK, Mattes MI; the learned
-networks assume affine pre-alignment), resampled onto the reference grid, scaled by their
-99.9th percentile and clipped to [0, 1].  Labels for validation Dice: 3-class Otsu tissue
-classes (1 = GM, 2 = WM) of each brain, one consistent definition for all three.  The 2D
-model uses axial slices (every 4 mm from z = -24 to +56 mm) of the same three brains at
-1 mm, cropped to 160 x 192 (the ``2d`` benchmark framing); pairs of different images are
-only made between slices at the same height.
+Training pairs (:mod:`cnnreg.synth`): a brain is moved by a random affine map and smooth
+deformation into a new "subject", its image taken as it is or synthesised from its label map
+(AAL regions + Otsu tissue classes, a random intensity per label, random blobs around the
+brain, blur), then paired with a copy of itself deformed by a random multi-scale
+diffeomorphism whose exact inverse is known; gamma, contrast, bias and noise change each side.
+The first ``warmup_steps`` train on the known field alone; then LNCC + diffusion +
+negative-Jacobian penalty + ``supervised_weight`` x the field error.
 
-Training turns these few images into many pairs on the fly (cnnreg.augment): image vs a
-randomly deformed copy of itself, and different images each mildly deformed, plus
-intensity changes (gamma, contrast, smooth bias field, noise).  Each model's best epoch
-(validation Dice on the held-out brain) is copied to the output folder with its training
-curve; ``models.json`` (file, dimension, SHA-256, settings, validation numbers) and the
-model card ``README.md`` are written there.
+Validation each epoch (the best epoch is shipped): the held-out ITK brain vs copies of it
+deformed by known fields (Dice of its Otsu tissues, end-point error) and MNI152 <-> Colin27
+both ways (Dice of the Otsu GM/WM classes of each brain).  The 2D model is the same on axial
+slices (every 4 mm from z = -24 to +56 mm) at 1 mm, 192 x 160 (the ``2d`` benchmark framing).
 
 The shared data loaders (MNI volume, Otsu tissues, reproducible affine) come from
 ``scripts/prepare_cases.py``, so the benchmark cases and the training data agree.
@@ -41,7 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,71 +70,84 @@ import prepare_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
 from cnnreg import image as im  # noqa: E402
-from cnnreg.augment import AugmentSettings  # noqa: E402
-from cnnreg.checkpoint import file_sha256, load_checkpoint, plain, write_manifest, write_sidecar  # noqa: E402
+from cnnreg.augment import PairBatch, Sample, deform  # noqa: E402
+from cnnreg.checkpoint import file_sha256, load_checkpoint, plain, write_manifest  # noqa: E402
 from cnnreg.cli import ProgressReporter  # noqa: E402
-from cnnreg.dataset import index_labels, make_sample  # noqa: E402
-from cnnreg.train import TrainSettings, output_paths, train  # noqa: E402
+from cnnreg.dataset import make_sample  # noqa: E402
+from cnnreg.networks import integrate_velocity  # noqa: E402
+from cnnreg.synth import multiscale_velocity  # noqa: E402
+from cnnreg.train import output_paths, settings_from_dict, train  # noqa: E402
 
-DEFAULT_OUT = ROOT / "Resources" / "Models"
+DEFAULT_OUT = ROOT / "CNNRegistration" / "cnnreg" / "models"
+DEFAULT_WORK = ROOT / "Resources" / "Training"
 ITK_T1 = cases.ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"
 ITK_T1_BRAIN_MASK = cases.ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz"  # a brain mask (values 0, 4, 5, 6)
 COLIN = cases.MRICRON / "ch2bet.nii.gz"
+AAL = cases.MRICRON / "aal.nii.gz"
 SLICE_HEIGHTS_MM = list(range(-24, 57, 4))
+
+_SYNTHETIC = {
+    "synthetic_fraction": 0.5,
+    "spacings": [4, 8, 16],
+    "subject_displacement": 3.0,
+    "rotation_degrees": 8.0,
+    "scaling": 0.1,
+    "translation": 0.04,
+    "blob_probability": 0.3,
+    "max_blur": 1.0,
+}
 
 #: the recipe: per model, the output file, the training settings, and the --quick overrides
 RECIPES = {
     "3d": {
-        "file": "faim3d_brain.pt",
-        "description": "3D brain T1 (skull-stripped, affinely aligned to MNI152), FAIM-style network",
+        "file": "vxm3d_brain.pt",
+        "description": "3D brain T1 (skull-stripped, affinely aligned to MNI152), VoxelMorph-style U-Net, "
+        "half-resolution velocity field",
         "settings": {
-            "architecture": "faim",
+            "architecture": "voxelmorph",
+            "network": {"encoder": [16, 32, 32, 32], "decoder": [32, 32, 32, 32, 16], "half_resolution": True},
+            "diffeomorphic": True,
             "working_shape": [64, 64, 64],
             "similarity": "lncc",
             "window": 9,
             "regularizer": "diffusion",
             "weight": 1.0,
             "jacobian_weight": 0.1,
-            "epochs": 100,
-            "steps_per_epoch": 200,
-            "batch_size": 2,
-            "learning_rate": 1e-4,
-            "val_pairs_per_image": 4,
-            "augment": {"max_displacement": 4.0, "pair_displacement": 1.5, "control_spacing": 8},
-        },
-        "quick": {
-            "working_shape": [32, 32, 32],
-            "epochs": 2,
-            "steps_per_epoch": 2,
+            "supervised_weight": 0.5,
+            "warmup_steps": 2000,
+            "epochs": 80,
+            "steps_per_epoch": 500,
             "batch_size": 1,
-            "val_pairs_per_image": 1,
+            "learning_rate": 3e-4,
+            "final_learning_rate": 3e-5,
+            "synthetic": {**_SYNTHETIC, "max_displacement": 5.0},
         },
+        "quick": {"working_shape": [32, 32, 32], "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 2},
     },
     "2d": {
-        "file": "faim2d_brain.pt",
-        "description": "2D axial brain T1 slices (skull-stripped, aligned to MNI152), FAIM-style network",
+        "file": "vxm2d_brain.pt",
+        "description": "2D axial brain T1 slices (skull-stripped, aligned to MNI152), VoxelMorph-style U-Net, "
+        "half-resolution velocity field",
         "settings": {
-            "architecture": "faim",
-            "working_shape": [128, 128],
+            "architecture": "voxelmorph",
+            "network": {"encoder": [16, 32, 32, 32], "decoder": [32, 32, 32, 32, 16], "half_resolution": True},
+            "diffeomorphic": True,
+            "working_shape": [192, 160],
             "similarity": "lncc",
             "window": 9,
             "regularizer": "diffusion",
             "weight": 1.0,
             "jacobian_weight": 0.1,
-            "epochs": 100,
-            "steps_per_epoch": 200,
-            "batch_size": 8,
-            "learning_rate": 1e-4,
-            "val_pairs_per_image": 1,
-            "augment": {"max_displacement": 6.0, "pair_displacement": 2.0, "control_spacing": 12},
+            "supervised_weight": 0.5,
+            "warmup_steps": 2000,
+            "epochs": 40,
+            "steps_per_epoch": 500,
+            "batch_size": 4,
+            "learning_rate": 3e-4,
+            "final_learning_rate": 3e-5,
+            "synthetic": {**_SYNTHETIC, "max_displacement": 6.0, "spacings": [6, 12, 24]},
         },
-        "quick": {
-            "working_shape": [64, 64],
-            "epochs": 2,
-            "steps_per_epoch": 2,
-            "batch_size": 2,
-            "val_pairs_per_image": 1,
-        },
+        "quick": {"working_shape": [64, 64], "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 2, "batch_size": 2},
     },
 }
 
@@ -167,18 +187,42 @@ def alignment(reference: sitk.Image, image: sitk.Image, name: str, work_dir: Pat
     return transform
 
 
-def brains(
-    reference: sitk.Image, sources: dict[str, tuple[sitk.Image, sitk.Transform]]
-) -> dict[str, tuple[sitk.Image, sitk.Image]]:
-    """``{name: (image, tissue labels)}``: each source image (with its reference -> image
-    transform) resampled onto ``reference``'s grid, anti-aliased, scaled; Otsu tissue labels."""
+def synthesis_labels(tissues: np.ndarray, aal: np.ndarray) -> np.ndarray:
+    """Label map to synthesise images from: the AAL regions (1..n, consecutive), then the Otsu
+    tissue classes outside them (WM n+1, GM n+2, the rest of the brain n+3)."""
+    values = np.unique(aal[aal > 0])
+    out = np.zeros(aal.shape, np.int32)
+    out[aal > 0] = np.searchsorted(values, aal[aal > 0]) + 1
+    n = len(values)
+    free = out == 0
+    brain = tissues >= 0  # tissues: -1 outside the brain, 0 CSF-like, 1 GM, 2 WM
+    out[free & (tissues == 2)] = n + 1
+    out[free & (tissues == 1)] = n + 2
+    out[free & brain & (tissues == 0)] = n + 3
+    return out
+
+
+def brains(reference: sitk.Image, sources: dict[str, tuple[sitk.Image, sitk.Transform]]) -> dict[str, dict]:
+    """``{name: {"image", "tissues", "synth"}}``: each source image (with its reference -> image
+    transform) resampled onto ``reference``'s grid (anti-aliased, scaled), its Otsu tissue
+    classes, and its synthesis label map (AAL through the same transform + tissues)."""
+    aal = sitk.ReadImage(str(AAL))
     out = {}
     for name, (image, transform) in sources.items():
         sigma = [max(0.0, 0.5 * (r - s)) for r, s in zip(reference.GetSpacing(), image.GetSpacing())]
         if max(sigma) > 0:  # anti-aliasing before going to a coarser grid
             image = sitk.DiscreteGaussian(image, [s * s for s in sigma], 32, 0.01, True)
         on_grid = scaled(sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-        out[name] = (on_grid, cases.otsu_tissues(on_grid))
+        tissues = cases.otsu_tissues(on_grid)
+        array = sitk.GetArrayFromImage(on_grid)
+        classes = np.where(array > 0.02, sitk.GetArrayFromImage(tissues).astype(np.int32), -1)
+        # AAL is in the Colin27 (MNI) space: through Colin's transform for Colin, the identity otherwise
+        aal_transform = transform if name == "colin27" else sitk.Transform(3, sitk.sitkIdentity)
+        aal_on_grid = sitk.GetArrayFromImage(
+            sitk.Resample(aal, reference, aal_transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+        )
+        aal_on_grid = np.where(classes >= 0, aal_on_grid, 0)
+        out[name] = {"image": on_grid, "tissues": tissues, "synth": synthesis_labels(classes, aal_on_grid)}
     return out
 
 
@@ -213,41 +257,79 @@ def load_data(work_dir: Path, quick: bool, log) -> dict:
     }
 
 
-def samples_3d(data: dict, settings: TrainSettings):
-    train_samples, val_samples = [], []
-    for name, (image, labels) in data["3d"].items():
-        sample = make_sample(
-            name,
-            sitk.GetArrayFromImage(image),
-            settings.shape_for(3),
-            settings.normalization,
-            sitk.GetArrayFromImage(labels),
-            "tissue",
-        )
-        (val_samples if name == "itk_t1" else train_samples).append(sample)
-    return train_samples, val_samples
+def _brain_samples(name: str, brain: dict, shape, normalization: str, plane: int | None = None, group=None):
+    """(training source with its synthesis labels, validation sample with its tissue classes)."""
+    image = sitk.GetArrayFromImage(brain["image"])
+    tissues = sitk.GetArrayFromImage(brain["tissues"])
+    synth = brain["synth"]
+    if plane is not None:
+        image, tissues, synth = image[plane], tissues[plane], synth[plane]
+    source = make_sample(name, image, shape, normalization, synth, "synth", group)
+    evaluation = make_sample(name, image, shape, normalization, tissues, "tissue", group)
+    return source, evaluation
 
 
-def samples_2d(data: dict, settings: TrainSettings):
-    train_samples, val_samples = [], []
-    for name, (image, labels) in data["2d_volumes"].items():
-        for height in data["heights"]:
-            k = image.TransformPhysicalPointToIndex((0.0, 0.0, float(height)))[2]
-            plane = sitk.GetArrayFromImage(image)[k]
-            plane_labels = sitk.GetArrayFromImage(labels)[k]
-            if plane.max() <= 0:
-                continue
-            sample = make_sample(
-                f"{name}_z{height:+d}",
-                plane,
-                settings.shape_for(2),
-                settings.normalization,
-                plane_labels,
-                "tissue",
-                group=f"z{height:+d}",
+def deformed_copy_pairs(samples: list[Sample], sizes: list[float], spacings, seed: int) -> list[PairBatch]:
+    """Each sample (fixed) vs copies of it deformed by known diffeomorphisms of the given largest
+    lengths (moving, labels with nearest neighbour); the true field and the foreground travel along."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for sample in samples:
+        fixed = sample.image[None]
+        foreground = (fixed > 0.02).float()
+        for size in sizes:
+            velocity = multiscale_velocity(fixed.shape[2:], size, spacings, generator)
+            moving, moving_labels = deform(fixed, integrate_velocity(velocity), sample.labels[None])
+            pairs.append(
+                PairBatch(
+                    fixed,
+                    moving,
+                    sample.labels[None].float(),
+                    moving_labels,
+                    [f"{sample.name} deformed (|u| <= {size:g})"],
+                    true_field=integrate_velocity(-velocity),
+                    foreground=foreground,
+                )
             )
-            (val_samples if name == "itk_t1" else train_samples).append(sample)
-    return train_samples, val_samples
+    return pairs
+
+
+def real_pairs(a: Sample, b: Sample) -> list[PairBatch]:
+    """``a`` vs ``b`` both ways, unchanged (labels in the same space)."""
+    return [
+        PairBatch(f.image[None], m.image[None], f.labels[None].float(), m.labels[None].float(), [f"{m.name}->{f.name}"])
+        for f, m in ((a, b), (b, a))
+    ]
+
+
+def datasets(key: str, data: dict, settings) -> tuple[list[Sample], list[PairBatch], list[str]]:
+    """Training sources, validation pairs and the names of the held-out images for one recipe."""
+    shape, normalization = settings.shape_for(3 if key == "3d" else 2), settings.normalization
+    spacings = settings.synthetic.spacings
+    if key == "3d":
+        made = {name: _brain_samples(name, brain, shape, normalization) for name, brain in data["3d"].items()}
+        sources = [made["mni152"][0], made["colin27"][0]]
+        val = deformed_copy_pairs([made["itk_t1"][1]], [1.5, 2.5, 3.5, 4.5], spacings, seed=12345)
+        val += real_pairs(made["mni152"][1], made["colin27"][1])
+        return sources, val, ["itk_t1", "mni152<->colin27 pair"]
+    sources, held_out, evaluation = [], [], {}
+    volumes = data["2d_volumes"]
+    for height in data["heights"]:
+        k = volumes["mni152"]["image"].TransformPhysicalPointToIndex((0.0, 0.0, float(height)))[2]
+        for name, brain in volumes.items():
+            if sitk.GetArrayViewFromImage(brain["image"])[k].max() <= 0:
+                continue
+            source, sample = _brain_samples(f"{name}_z{height:+d}", brain, shape, normalization, k, f"z{height:+d}")
+            if name == "itk_t1":
+                held_out.append(sample)
+            else:
+                sources.append(source)
+                evaluation[(name, height)] = sample
+    val = deformed_copy_pairs(held_out, [3.0], spacings, seed=12345)
+    for height in data["heights"][::2]:
+        if ("mni152", height) in evaluation and ("colin27", height) in evaluation:
+            val += real_pairs(evaluation[("mni152", height)], evaluation[("colin27", height)])
+    return sources, val, ["itk_t1 slices", "mni152<->colin27 slice pairs"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,24 +355,41 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "# Learned-mode weights (model card)",
         "",
         "Weights for `cnnreg register --mode learned|learned-refine` when `--model` is not given.",
-        "Regenerate them from scratch with the command below; `models.json` lists every file with its",
-        "SHA-256, which `cnnreg` checks before loading (a mismatch is refused).",
+        "`models.json` lists every file with its SHA-256, which `cnnreg` checks before loading (a",
+        "mismatch is refused).  Regenerate or continue them with `scripts/train_weights.py` (below).",
         "",
     ]
     if quick:
-        lines += ["> **QUICK RUN** (`--quick`): 2 tiny epochs, for testing the recipe only. Not usable weights.", ""]
+        lines += ["> **QUICK RUN** (`--quick`): a few tiny steps, for testing the recipe only. Not usable weights.", ""]
     lines += [
-        "| file | dim | network | parameters | working grid | epochs | best epoch | val. Dice before -> after | val. folding % | SHA-256 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | dim | network | parameters | working grid | trained | best epoch | CPU hours | threads |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
-        best = e["best"] or {}
+        t = e["training_run"]
         lines.append(
-            f"| `{e['file']}` | {e['ndim']}D | {e['architecture']} | {e['parameters']:,} | {'x'.join(map(str, e['working_shape']))} "
-            f"| {e['settings']['epochs']} | {best.get('epoch')} | {_fmt(best.get('val_dice_before'))} -> {_fmt(best.get('val_dice'))} "
-            f"| {_fmt(best.get('val_folding_percent'), 4)} | `{e['sha256'][:16]}...` |"
+            f"| `{e['file']}` | {e['ndim']}D | {e['architecture']} | {e['parameters']:,} | "
+            f"{'x'.join(map(str, e['working_shape']))} | {t['steps_done']:,} of {t['steps_planned']:,} steps "
+            f"({t['epochs_done']}/{e['settings']['epochs']} epochs){'' if t['finished'] else ', **in progress**'} | "
+            f"{(e['best'] or {}).get('epoch')} | {t['cpu_hours']:.1f} | {t['threads']} |"
         )
+    lines += ["", "## Validation (held out; numbers of the shipped epoch)", ""]
     lines += [
+        "| file | validation pairs | pairs | Dice before | Dice after | end-point error (voxels) | folding % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        for group, m in e["validation"].items():
+            lines.append(
+                f"| `{e['file']}` | {group} | {m['val_pairs']} | {_fmt(m['val_dice_before'])} | {_fmt(m['val_dice'])} "
+                f"| {_fmt(m['val_end_point_error'], 2)} | {_fmt(m['val_folding_percent'], 4)} |"
+            )
+    lines += [
+        "",
+        "Dice: mean over the Otsu GM and WM classes of each brain, labels warped with nearest",
+        "neighbour.  End-point error: mean length of (predicted - true) field over the brain, in voxels of the",
+        "working grid (3 mm in 3D, 1 mm in 2D), on copies deformed by known fields.  The benchmark",
+        "(`scripts/benchmark`, README) measures the shipped weights on its cases with the peers.",
         "",
         "## Intended use",
         "",
@@ -307,40 +406,40 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "",
         "| image | source | licence | role |",
         "|---|---|---|---|",
-        "| MNI152 2009a T1 (2 mm; 1 mm for 2D) | nilearn `load_mni152_template` | MNI template licence (permissive, see below) | training, reference grid |",
-        "| Colin27 `ch2bet` | Debian `mricron-data` | see `debian/copyright` of mricron-data | training |",
+        "| MNI152 2009a T1 (2 mm; 1 mm for 2D) | nilearn `load_mni152_template` | MNI template licence (permissive, see below) | training source, reference grid |",
+        "| Colin27 `ch2bet` + AAL atlas | Debian `mricron-data` | see `debian/copyright` of mricron-data | training source |",
         "| ITK KmeansTest T1 x its skull-strip mask | Debian `insighttoolkit5-examples` | Apache-2.0 | **held out: validation only** |",
+        "| the real MNI152 <-> Colin27 pair | (the two above) | | **held out: never paired in training** |",
         "",
         "Colin27 and the ITK T1 are affinely aligned to MNI152 (SimpleITK, Mattes MI, 3 levels), resampled",
-        "onto the reference grid, divided by their 99.9th percentile and clipped to [0, 1].  Validation labels:",
-        "3-class Otsu tissue classes (GM, WM) of each brain.  The 2D model uses axial slices every 4 mm from",
-        "z = -24 to +56 mm of the same brains at 1 mm, cropped to 160 x 192; pairs of different images are",
-        "made only between slices at the same height.  The images are not redistributed here.",
+        "onto the reference grid (MNI152 at 2 mm cropped to 96^3; the network sees it at 64^3), divided by",
+        "their 99.9th percentile and clipped to [0, 1].  The images are not redistributed here.",
         "",
         "## Training",
         "",
-        "Unsupervised: LNCC (9-voxel window) + 1.0 x diffusion regularizer + 0.1 x mean negative-Jacobian",
-        "penalty; Adam 1e-4.  Pairs are drawn on the fly (`cnnreg.augment`): an image vs a copy of itself",
-        "deformed by a random smooth diffeomorphic field (coarse noise, upsampled, Gaussian-smoothed,",
-        "integrated; up to `max_displacement` voxels of the working grid), or two different images each",
-        "mildly deformed; each image then gets random gamma, contrast, a smooth multiplicative bias field and",
-        "Gaussian noise.  Validation each epoch on the held-out brain: deformed copies of it (known labels)",
-        "and its pairs with each training brain (both ways); the epoch with the best validation Dice is kept.",
+        "Pairs with a known answer are synthesised on the fly (`cnnreg.synth`, SynthMorph-style): a brain is",
+        "moved by a random affine map and a smooth deformation into a new subject; its image is the real one",
+        "or, half of the time, synthesised from its label map (116 AAL regions + Otsu tissue classes, a random",
+        "intensity per label, random blobs in the background, blur); the pair is that image and a copy",
+        "deformed by a random multi-scale diffeomorphism exp(v) (either side), whose inverse exp(-v) is exact;",
+        "gamma, contrast, bias field and noise change each side independently.  The first `warmup_steps`",
+        "minimise the squared error to the known field alone; then LNCC (9 voxels) + diffusion + 0.1 x",
+        "negative-Jacobian penalty + `supervised_weight` x the field error.  Adam, cosine decay per epoch.",
         "",
     ]
     for e in entries:
         lines += [f"### `{e['file']}`", "", "```json", json.dumps(e["settings"], indent=2), "```", ""]
     lines += [
-        "## Reproduce",
+        "## Reproduce / continue",
         "",
         "```bash",
         "bash scripts/setup test                 # torch, nilearn, ...; apt: mricron-data insighttoolkit5-examples",
         command,
         "```",
         "",
-        "Training data and pairs are seeded; GPU kernels are not bitwise deterministic, so retrained weights",
-        "differ in their last digits (and SHA-256) but not in behaviour.  Each run also leaves",
-        "`<name>_curve.png` (training curve) here and its checkpoints (`*.last.pt`, resumable) in the work folder.",
+        "Training is resumable (`--resume`, from `Resources/Training/<model>.last.pt`; per-epoch log",
+        "`<model>_log.jsonl` and curve `<model>_curve.png` there).  Data and pairs are seeded; on a GPU or",
+        "with other thread counts the last digits differ.",
         "",
         "## Licences of the data",
         "",
@@ -359,36 +458,74 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``45m``, ``3h``, ``1h30m`` -> seconds."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"a duration looks like 3h, 45m, 1h30m or 600, got {text!r}")
+    hours, minutes, seconds = (float(v) if v else 0.0 for v in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _validation_groups(network, pairs: list[PairBatch], settings) -> dict[str, dict]:
+    """Validation metrics of ``network`` per kind of held-out pair (deformed copies, real pairs)."""
+    from cnnreg.distributed import Distributed
+    from cnnreg.train import validate
+
+    groups = {
+        "held-out brain vs known deformations": [p for p in pairs if p.true_field is not None],
+        "MNI152 <-> Colin27 (real pair)": [p for p in pairs if p.true_field is None],
+    }
+    info = Distributed()
+    return {
+        name: validate(network, group, settings, info, torch.device("cpu")) for name, group in groups.items() if group
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out-dir",
-        help=f"where the weights, models.json and README.md go (default {DEFAULT_OUT}; "
+        help=f"where the shipped weights, models.json and README.md go (default {DEFAULT_OUT}; "
         "with --quick a temporary folder)",
     )
     parser.add_argument(
-        "--work-dir", help="checkpoints, cached affine transforms (default <out-dir>/../../build/train_weights)"
+        "--work-dir",
+        help=f"resumable checkpoints, logs, curves, cached affine transforms (default {DEFAULT_WORK}; "
+        "with --quick inside the out folder)",
     )
-    parser.add_argument("--only", choices=sorted(RECIPES), help="train one model only")
-    parser.add_argument("--quick", action="store_true", help="2 tiny epochs per model, to check the recipe runs")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--only", choices=sorted(RECIPES), help="train one model only (default: 3d, then 2d)")
+    parser.add_argument("--quick", action="store_true", help="a few tiny steps per model, to check the recipe runs")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument(
+        "--time-limit",
+        type=parse_duration,
+        help="stop (after a finished epoch, with a checkpoint) before this much time has passed, e.g. 3h; "
+        "shared by the models in order (default: none)",
+    )
+    parser.add_argument(
+        "--package",
+        action="store_true",
+        help="train nothing: ship the best epoch of each resumable run in the work folder (models.json, model card)",
+    )
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--steps-per-epoch", type=int, help="override the recipe's steps per epoch")
     parser.add_argument(
         "--resume", action="store_true", help="continue each model from its .last.pt in the work folder"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"], help="default auto")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     out_dir = (
         Path(args.out_dir)
         if args.out_dir
         else (Path(tempfile.mkdtemp(prefix="cnnreg-quick-weights-")) if args.quick else DEFAULT_OUT)
     )
-    work_dir = (
-        Path(args.work_dir) if args.work_dir else (out_dir / "work" if args.quick else ROOT / "build" / "train_weights")
-    )
+    work_dir = Path(args.work_dir) if args.work_dir else (out_dir / "work" if args.quick else DEFAULT_WORK)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -398,38 +535,50 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     data = load_data(work_dir, args.quick, log)
     log(f"data ready in {time.perf_counter() - started:.0f} s")
-    report = ProgressReporter(args.progress)
+    reporter = ProgressReporter(args.progress)
     entries = []
     for key in [args.only] if args.only else sorted(RECIPES, reverse=True):
         recipe = RECIPES[key]
-        values = {
-            **recipe["settings"],
-            **(recipe["quick"] if args.quick else {}),
-            "seed": args.seed,
-            "device": args.device,
-        }
-        values["augment"] = AugmentSettings(**values["augment"])
+        values = {**recipe["settings"], **(recipe["quick"] if args.quick else {}), "seed": args.seed}
+        values["device"] = args.device
         if args.epochs:
             values["epochs"] = args.epochs
         if args.steps_per_epoch:
             values["steps_per_epoch"] = args.steps_per_epoch
-        settings = TrainSettings(**values)
-        train_samples, val_samples = (samples_3d if key == "3d" else samples_2d)(data, settings)
-        index_labels(train_samples + val_samples)
+        settings = settings_from_dict(values)
+        sources, val_pairs, held_out = datasets(key, data, settings)
         log(
-            f"{key}: {len(train_samples)} training and {len(val_samples)} held-out validation images at {settings.working_shape}"
+            f"{key}: {len(sources)} training sources, {len(val_pairs)} held-out validation pairs at {settings.working_shape}"
         )
         run_path = work_dir / recipe["file"]
-        resume = (
-            output_paths(run_path)["last"] if args.resume and os.path.isfile(output_paths(run_path)["last"]) else None
+        paths = output_paths(run_path)
+        resume = paths["last"] if args.resume and Path(paths["last"]).is_file() else None
+        if not (args.resume or args.package) and Path(paths["last"]).is_file() and not args.quick:
+            log(f"{paths['last']} exists: pass --resume to continue it, or remove it to start again")
+            return 2
+        epoch_log = work_dir / f"{Path(recipe['file']).stem}_log.jsonl"
+
+        def report(event: dict, epoch_log=epoch_log) -> None:
+            if event.get("event") == "epoch":
+                with open(epoch_log, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(plain(event)) + "\n")
+            reporter(event)
+
+        if args.package and not Path(paths["last"]).is_file():
+            log(f"{key}: nothing to package ({paths['last']} does not exist)")
+            continue
+        limit = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
+        if args.package:
+            resume, limit = paths["last"], 0.0
+        summary = train(
+            settings, sources, [], run_path, resume=resume, callback=report, val_pairs=val_pairs, time_limit=limit
         )
-        summary = train(settings, train_samples, val_samples, run_path, resume=resume, callback=report)
         target = out_dir / recipe["file"]
         shutil.copyfile(run_path, target)
-        sha256 = write_sidecar(target)
-        curve = output_paths(run_path)["curve"]
-        shutil.copyfile(curve, out_dir / Path(curve).name)
-        checkpoint = load_checkpoint(target, require_hash=True)
+        checkpoint = load_checkpoint(target)
+        history = checkpoint.training.get("history", [])
+        last = load_checkpoint(paths["last"]).training.get("history", [])
+        steps_done = len(last) * settings.steps_per_epoch
         entries.append(
             {
                 "file": recipe["file"],
@@ -440,34 +589,45 @@ def main(argv=None) -> int:
                 "parameters": summary["parameters"],
                 "working_shape": list(checkpoint.working_shape),
                 "normalization": checkpoint.normalization,
-                "sha256": sha256,
+                "sha256": file_sha256(target),
                 "best": checkpoint.training.get("best"),
+                "validation": _validation_groups(checkpoint.network, val_pairs, settings),
+                "held_out": held_out,
                 "settings": plain(settings.to_dict()),
-                "train_images": checkpoint.training.get("train_images"),
-                "val_images": checkpoint.training.get("val_images"),
+                "training_run": {
+                    "epochs_done": len(last),
+                    "steps_done": steps_done,
+                    "steps_planned": settings.epochs * settings.steps_per_epoch,
+                    "finished": len(last) >= settings.epochs,
+                    "cpu_hours": round(sum(h["seconds"] * h.get("threads", 1) for h in last) / 3600.0, 2),
+                    "wall_hours": round(sum(h["seconds"] for h in last) / 3600.0, 2),
+                    "threads": sorted({h.get("threads", 1) for h in last}),
+                    "shipped_epoch_steps": len(history) * settings.steps_per_epoch,
+                },
+                "train_sources": [s.name for s in sources],
                 "quick": args.quick,
             }
         )
         best = summary["best"] or {}
         log(
-            f"{key}: best epoch {best.get('epoch')}, validation Dice {_fmt(best.get('val_dice_before'))} -> "
-            f"{_fmt(best.get('val_dice'))}, folding {_fmt(best.get('val_folding_percent'), 4)} %; {target}"
+            f"{key}: {len(last)} epochs ({steps_done} steps) so far, best epoch {best.get('epoch')}, validation Dice "
+            f"{_fmt(best.get('val_dice_before'))} -> {_fmt(best.get('val_dice'))}, end-point error "
+            f"{_fmt(best.get('val_end_point_error'), 2)}; {'packaged' if args.package else 'stopped at the time limit' if summary['stopped'] else 'done'}; {target}"
         )
-    if args.only and (out_dir / "models.json").is_file():  # keep the other model's entry
+        if summary["stopped"] and not args.package:
+            break
+    if (out_dir / "models.json").is_file():  # keep the entries of models not trained in this run
         others = [
             e
             for e in json.loads((out_dir / "models.json").read_text())["models"]
-            if e["file"] not in {x["file"] for x in entries}
+            if e["file"] not in {x["file"] for x in entries} and (out_dir / e["file"]).is_file()
         ]
         entries = others + entries
     for entry in entries:  # the recorded hashes must match the files that are there now
-        if (out_dir / entry["file"]).is_file():
-            entry["sha256"] = file_sha256(out_dir / entry["file"])
+        entry["sha256"] = file_sha256(out_dir / entry["file"])
     write_manifest(out_dir, entries)
-    command = (
-        "python scripts/train_weights.py"
-        + (" --quick" if args.quick else "")
-        + (f" --device {args.device}" if args.device != "auto" else "")
+    command = "python scripts/train_weights.py --threads 1 --time-limit 3h --resume" + (
+        " --quick" if args.quick else ""
     )
     (out_dir / "README.md").write_text(model_card(entries, command, args.quick), encoding="utf-8")
     log(f"done in {time.perf_counter() - started:.0f} s; weights, models.json and README.md in {out_dir}")

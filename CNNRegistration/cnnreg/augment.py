@@ -51,11 +51,12 @@ class AugmentSettings:
     probability: float = 0.5
 
 
-def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+def uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """``n`` draws from ``U(low, high)`` (CPU, from ``generator``)."""
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def _coarse_noise(
+def coarse_noise(
     batch: int,
     channels: int,
     shape: Sequence[int],
@@ -94,9 +95,9 @@ def random_smooth_field(
     ndim = len(shape)
     if max_displacement <= 0:
         return torch.zeros(batch, ndim, *shape, device=device)
-    field = _coarse_noise(batch, ndim, shape, control_spacing, generator, device)
+    field = coarse_noise(batch, ndim, shape, control_spacing, generator, device)
     length = field.pow(2).sum(1, keepdim=True).sqrt().flatten(1).amax(1).clamp_min(1e-6)
-    target = (_uniform(generator, batch, 0.25, 1.0) * max_displacement).to(field.device)
+    target = (uniform(generator, batch, 0.25, 1.0) * max_displacement).to(field.device)
     field = field * (target / length).view(batch, *([1] * (ndim + 1)))
     return integrate_velocity(field) if diffeomorphic else field
 
@@ -128,19 +129,19 @@ def augment_intensity(image: torch.Tensor, settings: AugmentSettings, generator:
         use = chosen()
         x = use * x.clamp_min(1e-6).pow(gamma) + (1 - use) * x
     if settings.contrast > 0:
-        factor = _uniform(generator, n, 1 - settings.contrast, 1 + settings.contrast).to(device, image.dtype).view(view)
+        factor = uniform(generator, n, 1 - settings.contrast, 1 + settings.contrast).to(device, image.dtype).view(view)
         mean = x.flatten(1).mean(1).view(view)
         use = chosen()
         x = use * ((x - mean) * factor + mean) + (1 - use) * x
     if settings.bias_field > 0:
-        field = _coarse_noise(n, 1, image.shape[2:], max(image.shape[2:]) / 3.0, generator, device)
+        field = coarse_noise(n, 1, image.shape[2:], max(image.shape[2:]) / 3.0, generator, device)
         peak = field.abs().flatten(1).amax(1).clamp_min(1e-6).view(view)
-        amplitude = _uniform(generator, n, 0, settings.bias_field).to(device).view(view)
+        amplitude = uniform(generator, n, 0, settings.bias_field).to(device).view(view)
         bias = torch.exp(field / peak * amplitude).to(image.dtype)
         use = chosen()
         x = use * x * bias + (1 - use) * x
     if settings.noise > 0:
-        sigma = _uniform(generator, n, 0, settings.noise).to(device, image.dtype).view(view)
+        sigma = uniform(generator, n, 0, settings.noise).to(device, image.dtype).view(view)
         noise = torch.randn(image.shape, generator=generator).to(device, image.dtype)
         x = x + chosen() * sigma * noise
     x = x.clamp_min(0)
@@ -164,18 +165,27 @@ class Sample:
 @dataclass
 class PairBatch:
     """A batch of registration pairs ``(N, 1, *S)``; labels only when every pair has them in a
-    common label space (else None)."""
+    common label space (else None); ``true_field`` (and its ``foreground`` mask) for pairs made
+    with a known answer (:mod:`cnnreg.synth`)."""
 
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_labels: torch.Tensor | None = None
     moving_labels: torch.Tensor | None = None
     names: list[str] | None = None
+    true_field: torch.Tensor | None = None  # (N, ndim, *S) voxels, when the answer is known
+    foreground: torch.Tensor | None = None  # (N, 1, *S) where the true field is meaningful
 
     def to(self, device: torch.device) -> PairBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairBatch(
-            move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels), self.names
+            move(self.fixed),
+            move(self.moving),
+            move(self.fixed_labels),
+            move(self.moving_labels),
+            self.names,
+            move(self.true_field),
+            move(self.foreground),
         )
 
 

@@ -15,8 +15,9 @@ Resampling policy
     that grid).  A checkpoint without a working shape runs at the images' own size.
 
 Shipped weights
-    ``Resources/Models/`` at the repository root (``CNNRegistration/cnnreg/../../Resources/Models``),
-    or the folder named by the environment variable ``CNNREG_MODELS_DIR``, holds
+    ``cnnreg/models/`` inside the backend package (the same relative place in a checkout, a pip
+    install and the Slicer extension's installed module folder), or the folder named by the
+    environment variable ``CNNREG_MODELS_DIR``, holds
     ``models.json`` listing each weights file with its dimension and SHA-256; the first
     entry with ``"default": true`` (else the first) for the pair's dimension is used.
     They are produced by ``scripts/train_weights.py`` (see the model card ``README.md`` there).
@@ -40,17 +41,17 @@ MODELS_ENV = "CNNREG_MODELS_DIR"
 
 
 def models_folder() -> Path:
-    """Folder of the shipped weights (``$CNNREG_MODELS_DIR`` or ``<repository>/Resources/Models``)."""
+    """Folder of the shipped weights (``$CNNREG_MODELS_DIR`` or the package's ``models/``)."""
     override = os.environ.get(MODELS_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    return Path(__file__).resolve().parent / "models"
 
 
 def _how_to_get_weights(ndim: int) -> str:
     return (
         f"train them with `python scripts/train_weights.py` (writes {ndim}D and the other weights, "
-        "models.json and the model card into Resources/Models; see Resources/Models/README.md), "
+        "models.json and the model card into CNNRegistration/cnnreg/models; see the README.md there), "
         "or train your own with `python -m cnnreg train` and pass it with --model FILE"
     )
 

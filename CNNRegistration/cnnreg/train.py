@@ -69,6 +69,7 @@ from .losses import similarity_loss, similarity_options
 from .networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
 from .regularizers import negative_jacobian, regularization
 from .spatial import compose, warp
+from .synth import SynthPairSampler, SynthSettings
 
 DEFAULT_WORKING_SHAPE = {2: (128, 128), 3: (64, 64, 64)}
 
@@ -92,6 +93,9 @@ class TrainSettings:
             the base network (``refine_network`` = its FAIMNet kwargs), switching every
             ``alternate_every`` epochs.
         epochs, steps_per_epoch, batch_size, learning_rate: optimisation (Adam); batch per process.
+        final_learning_rate: learning rate of the last epoch, reached by a cosine decay over the
+            epochs (set at the start of each epoch, so a resumed run follows the same schedule);
+            None = constant.
         grad_clip: clip the gradient norm (0 = off).
         val_count: real images held out for validation when no validation images are given
             (None = 20 % of them when there are at least 3, else none: the validation pairs are
@@ -101,6 +105,13 @@ class TrainSettings:
             with ``val_cross_train``, of each validation image with each training image (both ways).
         seed, device: random seed; ``auto``, ``cpu``, ``cuda[:N]``.
         augment: :class:`cnnreg.augment.AugmentSettings` (a dict in JSON).
+        synthetic: :class:`cnnreg.synth.SynthSettings` (a dict in JSON): draw every training
+            pair from :class:`cnnreg.synth.SynthPairSampler` (pairs with a known field; the
+            training images then need label maps) instead of :class:`cnnreg.augment.PairSampler`.
+        supervised_weight: weight of the supervised term, the mean squared error (voxels^2)
+            between the predicted and the true field over the fixed image's foreground, on
+            pairs with a known field.
+        warmup_steps: the first steps train on the supervised term alone (needs ``synthetic``).
     """
 
     architecture: str = "faim"
@@ -123,6 +134,7 @@ class TrainSettings:
     steps_per_epoch: int = 100
     batch_size: int = 2
     learning_rate: float = 1e-4
+    final_learning_rate: float | None = None
     grad_clip: float = 0.0
     val_count: int | None = None
     val_pairs_per_image: int = 2
@@ -131,6 +143,9 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+    synthetic: SynthSettings | None = None
+    supervised_weight: float = 0.0
+    warmup_steps: int = 0
 
     def validate(self, ndim: int | None = None) -> None:
         """Raise InputError for an impossible setting (names the setting and the value)."""
@@ -150,11 +165,17 @@ class TrainSettings:
             value = getattr(self, what)
             if not isinstance(value, int) or value < (0 if what == "val_pairs_per_image" else 1):
                 raise InputError(f"{what} must be a positive integer, got {value!r}")
-        for what in ("weight", "jacobian_weight", "dice_weight", "cycle_weight", "grad_clip"):
+        if (self.warmup_steps > 0 or self.supervised_weight > 0) and self.synthetic is None:
+            raise InputError("warmup_steps and supervised_weight need pairs with a known field (synthetic settings)")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for what in ("weight", "jacobian_weight", "dice_weight", "cycle_weight", "grad_clip", "supervised_weight"):
             if getattr(self, what) < 0:
                 raise InputError(f"{what} must be >= 0, got {getattr(self, what)}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.final_learning_rate is not None and not self.final_learning_rate > 0:
+            raise InputError(f"final_learning_rate must be > 0, got {self.final_learning_rate}")
         if self.window < 1 or self.window % 2 == 0:
             raise InputError(f"window must be a positive odd number of voxels, got {self.window}")
         if self.working_shape is not None:
@@ -187,6 +208,15 @@ def settings_from_dict(data: dict) -> TrainSettings:
             if bad:
                 raise InputError(f"unknown augment setting(s) {bad}; valid keys: {sorted(valid)}")
             values["augment"] = AugmentSettings(**augment)
+    if isinstance(values.get("synthetic"), dict):
+        valid = {f.name for f in fields(SynthSettings)}
+        bad = sorted(set(values["synthetic"]) - valid)
+        if bad:
+            raise InputError(f"unknown synthetic setting(s) {bad}; valid keys: {sorted(valid)}")
+        try:
+            values["synthetic"] = SynthSettings(**values["synthetic"])
+        except (TypeError, ValueError) as error:
+            raise InputError(f"bad synthetic settings: {error}") from None
     return TrainSettings(**values)
 
 
@@ -282,6 +312,15 @@ def soft_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     return ((dice * present).sum(1) / present.sum(1).clamp_min(1)).mean()
 
 
+def field_error(u: torch.Tensor, true_field: torch.Tensor, foreground: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared vector error ``|u - true_field|^2`` (voxels^2) over ``foreground`` ``(N, 1, *S)``
+    (every voxel when None); ``u``, ``true_field``: ``(N, ndim, *S)``."""
+    squared = (u - true_field).pow(2).sum(1, keepdim=True)
+    if foreground is None:
+        return squared.mean()
+    return (squared * foreground).sum() / foreground.sum().clamp_min(1.0)
+
+
 def registration_loss(
     settings: TrainSettings,
     u: torch.Tensor,
@@ -310,7 +349,7 @@ def registration_loss(
 
 
 #: loss terms reported per epoch (averaged over the steps and processes that have them)
-_TERMS = ("loss", "similarity_loss", "regularization", "negative_jacobian", "dice", "cycle")
+_TERMS = ("loss", "similarity_loss", "regularization", "negative_jacobian", "dice", "cycle", "field_error")
 
 
 @dataclass
@@ -340,10 +379,14 @@ def forward_field(parts: Trainable, pair: torch.Tensor, phase: str = "base") -> 
 
 
 def training_step(
-    parts: Trainable, batch: PairBatch, settings: TrainSettings, phase: str = "base"
+    parts: Trainable, batch: PairBatch, settings: TrainSettings, phase: str = "base", warmup: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one batch (no backward).  With ``settings.cycle`` both directions are registered
-    in one forward pass and the there-and-back similarity is added (``terms["cycle"]``)."""
+    in one forward pass and the there-and-back similarity is added (``terms["cycle"]``).
+    ``warmup``: the supervised field error alone (the batch must carry ``true_field``); else the
+    supervised term is added with ``settings.supervised_weight`` when the batch has a true field."""
+    if warmup and batch.true_field is None:
+        raise ValueError("the supervised warm-up needs pairs with a known field")
     fixed, moving = batch.fixed, batch.moving
     fixed_labels, moving_labels = batch.fixed_labels, batch.moving_labels
     if settings.cycle:
@@ -352,7 +395,14 @@ def training_step(
             fixed_labels = torch.cat([batch.fixed_labels, batch.moving_labels])
             moving_labels = torch.cat([batch.moving_labels, batch.fixed_labels])
     u = forward_field(parts, torch.cat([moving, fixed], dim=1), phase)
+    if warmup:
+        error = field_error(u, batch.true_field, batch.foreground)
+        return error, {"field_error": error}
     total, terms = registration_loss(settings, u, fixed, moving, fixed_labels, moving_labels)
+    if batch.true_field is not None and settings.supervised_weight > 0 and not settings.cycle:
+        error = field_error(u, batch.true_field, batch.foreground)
+        total = total + settings.supervised_weight * error
+        terms["field_error"] = error
     if settings.cycle:
         n = batch.fixed.shape[0]
         back = torch.cat([u[n:], u[:n]])  # the opposite direction of each item
@@ -411,11 +461,12 @@ def validate(
 ) -> dict:
     """Validation metrics over ``pairs`` (this rank's share; summed over ranks): mean loss,
     similarity loss, Dice after/before (labels warped with nearest neighbour; pairs with labels
-    only), folding percent.  Dice values are None without labelled pairs."""
+    only), folding percent, and on pairs with a known field the mean end-point error (voxels,
+    over the pair's foreground).  Dice / error values are None without such pairs."""
     from .evaluate import dice_per_label
 
     network.eval()
-    sums = [0.0] * 7  # loss, similarity, folding, pairs, dice, dice_before, labelled pairs
+    sums = [0.0] * 9  # loss, similarity, folding, pairs, dice, dice_before, labelled pairs, error, known pairs
     with torch.no_grad():
         for pair in list(pairs)[info.rank :: info.world_size]:
             pair = pair.to(device)
@@ -425,6 +476,11 @@ def validate(
             sums[1] += float(terms["similarity_loss"])
             sums[2] += 100.0 * folding_fraction(jacobian_determinant(u.double()))
             sums[3] += 1
+            if pair.true_field is not None:
+                length = (u - pair.true_field).pow(2).sum(1, keepdim=True).sqrt()
+                weights = pair.foreground if pair.foreground is not None else torch.ones_like(length)
+                sums[7] += float((length * weights).sum() / weights.sum().clamp_min(1.0))
+                sums[8] += 1
             if pair.fixed_labels is not None and pair.moving_labels is not None:
                 fixed_labels = pair.fixed_labels[0, 0].round().long().cpu().numpy()
                 warped = warp(pair.moving_labels, u, interpolation="nearest")[0, 0].round().long().cpu().numpy()
@@ -446,6 +502,7 @@ def validate(
         "val_pairs": int(sums[3]),
         "val_dice": sums[4] / labelled if labelled else None,
         "val_dice_before": sums[5] / labelled if labelled else None,
+        "val_end_point_error": sums[7] / sums[8] if sums[8] else None,
     }
 
 
@@ -483,6 +540,16 @@ def output_paths(out: str | os.PathLike) -> dict[str, str]:
     return {"best": out, "last": stem + ".last.pt", "curve": stem + "_curve.png"}
 
 
+def epoch_learning_rate(settings: TrainSettings, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based): cosine from ``learning_rate`` at the first epoch to
+    ``final_learning_rate`` at the last (constant when that is None)."""
+    if settings.final_learning_rate is None or settings.epochs <= 1:
+        return settings.learning_rate
+    t = min(epoch, settings.epochs - 1) / (settings.epochs - 1)
+    final = settings.final_learning_rate
+    return final + (settings.learning_rate - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _better(metrics: dict, best: dict | None) -> bool:
     if best is None:
         return True
@@ -505,6 +572,8 @@ def train(
     callback: Callable[[dict], None] | None = None,
     info: Distributed | None = None,
     device: torch.device | None = None,
+    val_pairs: Sequence[PairBatch] | None = None,
+    time_limit: float | None = None,
 ) -> dict:
     """Train and write checkpoints (see the module docstring); returns a summary dict.
 
@@ -518,6 +587,10 @@ def train(
         resume: a ``.last.pt`` checkpoint to continue from (network, optimizers, epoch, history).
         callback: receives progress dicts (rank 0 only).
         info, device: distributed context and device (default: :func:`init_distributed`).
+        val_pairs: the validation pairs (instead of the ones made from ``val_samples``).
+        time_limit: seconds; no epoch is started that would (at the last epoch's pace) end after
+            it (none at all when <= 0: only the summary of a resumed run), so a long run can be split into sessions (``resume`` continues it).  The
+            summary then has ``"stopped": True``.
     """
     if not train_samples:
         raise InputError("no training images")
@@ -562,15 +635,17 @@ def train(
                 optimizers[name].load_state_dict(state)
 
     train_samples = [_on_device(sample, device) for sample in train_samples]  # sampled every step
-    held_out = bool(val_samples)
-    val_pairs = validation_pairs(
-        list(val_samples) if held_out else list(train_samples),
-        settings.augment,
-        settings.val_pairs_per_image,
-        cross_pairs=settings.val_cross_pairs and held_out,
-        seed=settings.seed + 12345,
-        others=list(train_samples) if settings.val_cross_train else (),
-    )
+    held_out = bool(val_samples) or bool(val_pairs)
+    if val_pairs is None:
+        val_pairs = validation_pairs(
+            list(val_samples) if val_samples else list(train_samples),
+            settings.augment,
+            settings.val_pairs_per_image,
+            cross_pairs=settings.val_cross_pairs and bool(val_samples),
+            seed=settings.seed + 12345,
+            others=list(train_samples) if settings.val_cross_train else (),
+        )
+    val_pairs = list(val_pairs)
     report(
         {
             "event": "start",
@@ -589,11 +664,24 @@ def train(
     )
     total_steps = settings.epochs * settings.steps_per_epoch
     started = time.perf_counter()
+    stopped = False
     for epoch in range(start_epoch, settings.epochs):
+        last_seconds = history[-1]["seconds"] if history and epoch > start_epoch else 0.0
+        out_of_time = time_limit is not None and (
+            time_limit <= 0 or (epoch > start_epoch and time.perf_counter() - started + last_seconds > time_limit)
+        )
+        if out_of_time:
+            stopped = True
+            break
         phase = "refine" if parts.is_cascade and (epoch // settings.alternate_every) % 2 == 1 else "base"
         optimizer = optimizers[phase]
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_learning_rate(settings, epoch)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch * 1009 + info.rank)
-        sampler = PairSampler(train_samples, settings.augment, generator)
+        if settings.synthetic is not None:
+            sampler = SynthPairSampler(train_samples, settings.synthetic, generator)
+        else:
+            sampler = PairSampler(train_samples, settings.augment, generator)
         network.train()
         epoch_start = time.perf_counter()
         sums = dict.fromkeys(_TERMS, 0.0)
@@ -601,7 +689,8 @@ def train(
         for step in range(settings.steps_per_epoch):
             batch = sampler.sample(settings.batch_size, device)
             optimizer.zero_grad(set_to_none=True)
-            loss, terms = training_step(parts, batch, settings, phase)
+            warmup = epoch * settings.steps_per_epoch + step < settings.warmup_steps
+            loss, terms = training_step(parts, batch, settings, phase, warmup=warmup)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}"
@@ -618,7 +707,9 @@ def train(
             report(
                 {
                     "event": "progress",
-                    "stage": f"epoch {epoch + 1}/{settings.epochs}" + (f" ({phase})" if parts.is_cascade else ""),
+                    "stage": f"epoch {epoch + 1}/{settings.epochs}"
+                    + (f" ({phase})" if parts.is_cascade else "")
+                    + (" (warm-up)" if warmup else ""),
                     "iteration": step + 1,
                     "iterations": settings.steps_per_epoch,
                     "fraction": done / total_steps,
@@ -636,6 +727,8 @@ def train(
             **train_terms,
             **metrics,
             "seconds": round(time.perf_counter() - epoch_start, 2),
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "threads": torch.get_num_threads(),
         }
         history.append(record)
         improved = _better(metrics, best)
@@ -669,6 +762,9 @@ def train(
     summary = {
         "best": best,
         "epochs": settings.epochs,
+        "epochs_done": len(history),
+        "stopped": stopped,
+        "training_seconds": round(sum(h["seconds"] for h in history), 1),
         "seconds": round(time.perf_counter() - started, 2),
         "files": paths,
         "parameters": parameter_count(network),

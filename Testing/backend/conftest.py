@@ -47,6 +47,15 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def mni_template() -> np.ndarray:
+    """MNI152 2 mm template, ``(99, 117, 95)`` float32 in [0, 1] (nilearn's axis order; any order works
+    for the training tests)."""
+    datasets = pytest.importorskip("nilearn.datasets")
+    array = datasets.load_mni152_template(resolution=2).get_fdata().astype(np.float32)
+    return array / array.max()
+
+
 @pytest.fixture
 def keep_sigterm_handler():
     """``cnnreg.cli.main`` installs a SIGTERM handler; restore pytest's after an in-process call."""
