@@ -84,7 +84,7 @@ class CNNRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     movingLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     fixedMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
-    mode: Mode = Mode.PHANTOM
+    mode: Mode = Mode.INSTANCE
     similarity: Similarity = Similarity.LNCC
     regularizer: Regularizer = Regularizer.DIFFUSION
     weight: Annotated[float, WithinRange(0, 100)] = 1.0

@@ -107,7 +107,7 @@ class RegistrationSettings:
     alignment at about 1.5x the run time).
     """
 
-    mode: Mode = Mode.PHANTOM
+    mode: Mode = Mode.INSTANCE
     similarity: Similarity = Similarity.LNCC
     regularizer: Regularizer = Regularizer.DIFFUSION
     weight: float = 1.0

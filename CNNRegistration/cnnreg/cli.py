@@ -78,6 +78,20 @@ def _iterations(text: str) -> list[int] | int:
     return values[0] if len(values) == 1 else values
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already names its default or
+    there is none to name (None, False, a required option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or nothing or action.required:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed", required=True, help="fixed (target) image, any SimpleITK format")
     parser.add_argument("--moving", required=True, help="moving (source) image")
@@ -87,53 +101,97 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs in an existing non-empty folder")
     add_method_arguments(parser)
     parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
-    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "jsonl", "bar", "none"],
+        help="JSON lines on standard output and/or a bar on standard error (auto: both, the bar on a terminal)",
+    )
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """The registration method's options (mode, loss, schedule, device...), shared by every
-    command that registers images (``register``, ``atlas``); read back with :func:`settings_from_args`."""
-    parser.add_argument("--mode", default=Mode.PHANTOM.value, choices=choices(Mode))
-    parser.add_argument("--similarity", default=Similarity.LNCC.value, choices=choices(Similarity))
-    parser.add_argument("--regularizer", default=Regularizer.DIFFUSION.value, choices=choices(Regularizer))
-    parser.add_argument("--weight", type=float, default=1.0, help="regularizer weight (default 1.0)")
+    command that registers images (``register``, ``atlas``); read back with :func:`settings_from_args`.
+    Defaults are those of :class:`cnnreg.registration.RegistrationSettings` and
+    :class:`cnnreg.optimize.OptimizationSettings`, so the command line and the Python API agree."""
+    from .optimize import DEFAULT_ITERATIONS, DENSE_LEARNING_RATES, OPTIMIZERS, CNNField, OptimizationSettings
+    from .registration import RegistrationSettings
+
+    run, opt = RegistrationSettings(), OptimizationSettings()
+    iterations = ", ".join(f"{mode} {','.join(map(str, its))}" for mode, its in DEFAULT_ITERATIONS.items())
+    parser.add_argument(
+        "--mode",
+        default=Mode(run.mode).value,
+        choices=choices(Mode),
+        help="instance: the displacement field is optimised (the most accurate on CPU); phantom: a CNN is "
+        "optimised on this pair (no training data); learned / learned-refine: shipped network weights",
+    )
+    parser.add_argument(
+        "--similarity", default=Similarity(opt.similarity).value, choices=choices(Similarity), help="similarity measure"
+    )
+    parser.add_argument(
+        "--regularizer", default=Regularizer(opt.regularizer).value, choices=choices(Regularizer), help="regularizer"
+    )
+    parser.add_argument("--weight", type=float, default=opt.weight, help="regularizer weight")
     parser.add_argument(
         "--jacobian-weight",
         type=float,
-        default=1.0,
+        default=opt.jacobian_weight,
         help="weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off",
     )
-    parser.add_argument("--window", type=int, default=5, help="LNCC window, voxels (odd)")
-    parser.add_argument("--levels", type=int, default=3, help="pyramid levels")
-    parser.add_argument("--iterations", type=_iterations, default=None, help="per level, coarse to fine: N or N1,N2,N3")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--field-smoothing", type=float, default=1.0, help="Gaussian sigma of field updates, voxels")
+    parser.add_argument("--window", type=int, default=opt.window, help="LNCC window, voxels (odd)")
+    parser.add_argument("--levels", type=int, default=opt.levels, help="pyramid levels")
     parser.add_argument(
-        "--control-spacing", type=float, default=4.0, help="dense-field control grid spacing, voxels (1 = every voxel)"
+        "--iterations",
+        type=_iterations,
+        default=None,
+        help=f"per level, coarse to fine: N or N1,N2,N3 (default per mode: {iterations})",
     )
     parser.add_argument(
-        "--optimizer", default="global-adam", choices=["global-adam", "adam", "greedy"], help="dense-field optimiser"
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="optimiser step (default per mode: dense-field optimisers "
+        + ", ".join(f"{k} {v:g}" for k, v in DENSE_LEARNING_RATES.items())
+        + f"; phantom CNN Adam {CNNField.default_learning_rate:g})",
     )
+    parser.add_argument(
+        "--field-smoothing", type=float, default=opt.field_smoothing, help="Gaussian sigma of the field update, voxels"
+    )
+    parser.add_argument(
+        "--control-spacing",
+        type=float,
+        default=opt.control_spacing,
+        help="dense-field control grid spacing, voxels (1 = every voxel)",
+    )
+    parser.add_argument("--optimizer", default=opt.optimizer, choices=list(OPTIMIZERS), help="dense-field optimiser")
     parser.add_argument(
         "--interpolation",
-        default=SimilarityInterpolation.LINEAR.value,
+        default=SimilarityInterpolation(opt.interpolation).value,
         choices=choices(SimilarityInterpolation),
         help="how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
         "cubic B-spline (more accurate sub-voxel alignment, slower)",
     )
-    parser.add_argument("--features", type=int, default=24, help="phantom-mode U-Net width")
-    parser.add_argument("--max-cnn-voxels", type=int, default=2**21, help="phantom-mode working-grid size limit")
-    parser.add_argument("--model", help="learned modes: weights file (default: shipped weights)")
-    parser.add_argument("--refine-iterations", type=int, default=50, help="learned-refine iterations")
+    parser.add_argument("--features", type=int, default=opt.features, help="phantom-mode CNN width")
+    parser.add_argument(
+        "--max-cnn-voxels", type=int, default=opt.max_cnn_voxels, help="phantom-mode working-grid size limit"
+    )
+    parser.add_argument("--model", help="learned modes: weights file (default: the shipped weights)")
+    parser.add_argument(
+        "--refine-iterations", type=int, default=run.refine_iterations, help="learned-refine iterations"
+    )
     parser.add_argument("--affine", action="store_true", help="affine pre-alignment with SimpleITK first")
-    parser.add_argument("--normalization", default=Normalization.MAX.value, choices=choices(Normalization))
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def _default_iterations(mode: str) -> list[int]:
-    return [200, 100, 50] if mode == Mode.PHANTOM.value else [100, 60, 30]
+    parser.add_argument(
+        "--normalization",
+        default=Normalization(run.normalization).value,
+        choices=choices(Normalization),
+        help="intensity normalisation of both images",
+    )
+    parser.add_argument("--device", default=run.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--seed", type=int, default=run.seed, help="random seed (runs are repeatable at the same thread count)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
@@ -150,7 +208,7 @@ def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
             jacobian_weight=args.jacobian_weight,
             window=args.window,
             levels=args.levels,
-            iterations=args.iterations if args.iterations is not None else _default_iterations(args.mode),
+            iterations=args.iterations,
             learning_rate=args.learning_rate,
             field_smoothing=args.field_smoothing,
             control_spacing=args.control_spacing,
@@ -251,7 +309,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     runners = {}
-    register_parser = commands.add_parser("register", help="register a moving image to a fixed image")
+    register_parser = commands.add_parser(
+        "register",
+        help="register a moving image to a fixed image",
+        formatter_class=DefaultsHelpFormatter,
+    )
     _add_register_arguments(register_parser)
     runners["register"] = _run_register
     apply_parser = commands.add_parser("apply", help="warp an image with an exported displacement field")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -43,7 +43,8 @@ class OptimizationSettings:
             added on top of the regularizer to discourage folding; 0 = off.
         window: LNCC window in voxels (odd).
         levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
-        iterations: iterations per level, coarse to fine (one number = every level).
+        iterations: iterations per level, coarse to fine (one number = every level); None =
+            the mode's default (:data:`DEFAULT_ITERATIONS`).
         learning_rate: optimiser step; None = the default of the mode and optimiser
             (:data:`DENSE_LEARNING_RATES` for a dense field, 1e-3 for the CNN weights).
         field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
@@ -71,7 +72,7 @@ class OptimizationSettings:
     jacobian_weight: float = 1.0
     window: int = 5
     levels: int = 3
-    iterations: Sequence[int] | int = field(default_factory=lambda: (150, 100, 50))
+    iterations: Sequence[int] | int | None = None
     learning_rate: float | None = None
     field_smoothing: float = 1.0
     control_spacing: float = 4.0
@@ -83,13 +84,20 @@ class OptimizationSettings:
     features: int = 24
     max_cnn_voxels: int = 2**21
 
-    def iterations_per_level(self, levels: int) -> list[int]:
-        if isinstance(self.iterations, int):
-            return [self.iterations] * levels
-        values = list(self.iterations)
+    def iterations_per_level(self, levels: int, mode: str = "instance") -> list[int]:
+        """Iterations of each of ``levels`` levels, coarse to fine (``mode`` gives the default)."""
+        iterations = DEFAULT_ITERATIONS[mode] if self.iterations is None else self.iterations
+        if isinstance(iterations, int):
+            return [iterations] * levels
+        values = list(iterations)
         if len(values) < levels:  # pad at the coarse end with the first value
             values = [values[0]] * (levels - len(values)) + values
         return values[-levels:]
+
+
+#: iterations per pyramid level, coarse to fine, when none are given (Python API, command
+#: line and the Slicer module alike)
+DEFAULT_ITERATIONS = {"instance": (100, 60, 30), "phantom": (200, 100, 50)}
 
 
 def pyramid_shapes(shape: Sequence[int], levels: int, min_size: int = 16) -> list[tuple[int, ...]]:
@@ -260,6 +268,7 @@ def run_pyramid(
     callback: ProgressCallback | None = None,
     learning_rate: float = 1e-3,
     stage: str = "",
+    mode: str = "instance",
 ) -> torch.Tensor:
     """Coarse-to-fine optimisation of ``make_model(base)`` over the grid ``shapes``.
 
@@ -272,11 +281,12 @@ def run_pyramid(
         mask: optional fixed-image weights ``(1, 1, *S)``.
         callback: receives one dict per iteration (see :func:`progress_event`); raising
             :class:`CancelledError` (or KeyboardInterrupt) stops the run.
+        mode: whose default iterations apply when ``settings.iterations`` is None.
 
     Returns:
         ``u`` ``(1, ndim, *shapes[-1])`` in voxels of the finest level's grid.
     """
-    iterations = settings.iterations_per_level(len(shapes))
+    iterations = settings.iterations_per_level(len(shapes), mode)
     total_iterations = sum(iterations)
     done_iterations = 0
     ndim = fixed.dim() - 2
@@ -413,5 +423,6 @@ def optimize_cnn(
         mask=mask,
         callback=callback,
         learning_rate=settings.learning_rate or CNNField.default_learning_rate,
+        mode="phantom",
     )
     return resize_field(u, fixed.shape[2:])

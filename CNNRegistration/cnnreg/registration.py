@@ -32,7 +32,14 @@ from .device import describe_device, out_of_memory_as_device_error, resolve_devi
 from .errors import InputError
 from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_options, similarity_value
-from .optimize import OPTIMIZERS, OptimizationSettings, ProgressCallback, optimize_cnn, optimize_field
+from .optimize import (
+    DEFAULT_ITERATIONS,
+    OPTIMIZERS,
+    OptimizationSettings,
+    ProgressCallback,
+    optimize_cnn,
+    optimize_field,
+)
 from .spatial import warp
 
 OUTPUT_FILES = {
@@ -49,7 +56,7 @@ OUTPUT_FILES = {
 class RegistrationSettings:
     """Everything that defines a registration run (see :class:`OptimizationSettings` for the loss)."""
 
-    mode: Mode | str = Mode.PHANTOM
+    mode: Mode | str = Mode.INSTANCE
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
     device: str = "auto"
     seed: int | None = 0
@@ -83,7 +90,13 @@ class RegistrationSettings:
             raise InputError(f"control spacing must be >= 1 voxel, got {opt.control_spacing}")
         if opt.weight < 0 or opt.jacobian_weight < 0:
             raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
-        iterations = [opt.iterations] if isinstance(opt.iterations, int) else list(opt.iterations)
+        iterations = (
+            [0]
+            if opt.iterations is None
+            else [opt.iterations]
+            if isinstance(opt.iterations, int)
+            else list(opt.iterations)
+        )
         if not iterations or min(iterations) < 0:
             raise InputError(f"iterations must be >= 0, got {opt.iterations}")
         if opt.levels < 1:
@@ -146,6 +159,8 @@ def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
     if mode is Mode.LEARNED_REFINE:
         return settings.refine_iterations
     iterations = settings.optimization.iterations
+    if iterations is None:
+        iterations = DEFAULT_ITERATIONS[mode.value]
     return iterations if isinstance(iterations, int) else list(iterations)
 
 
@@ -161,7 +176,7 @@ def register(
 
     Args:
         fixed, moving: scalar 2D/3D images (any grids; moving is resampled onto fixed).
-        settings: mode, losses, device...; defaults to phantom mode with LNCC + diffusion.
+        settings: mode, losses, device...; defaults to instance mode with LNCC + diffusion.
         moving_labels: optional label map on the moving grid, warped with nearest neighbour.
         fixed_mask: optional mask on the fixed grid restricting the similarity.
         callback: receives progress dicts (``{"event": "progress", "stage", "iteration",

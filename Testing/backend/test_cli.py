@@ -129,7 +129,7 @@ def test_register_writes_all_six_outputs(cli_run):
 def test_register_summary_json(cli_run):
     summary = json.loads((cli_run["out"] / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["mode"] == "phantom" and summary["similarity"] == "lncc" and summary["regularizer"] == "diffusion"
+    assert summary["mode"] == "instance" and summary["similarity"] == "lncc" and summary["regularizer"] == "diffusion"
     assert summary["iterations"] == 4 and summary["levels"] == 1 and summary["seed"] == 0
     assert summary["device"].startswith("cpu")
     assert summary["files"] == {k: v for k, v in OUTPUT_FILES.items()}
@@ -149,7 +149,7 @@ def test_register_progress_lines(cli_run):
     for event in progress:
         assert {"stage", "iterations", "loss", "similarity_loss", "regularization"} <= set(event)
     done = events[-1]
-    assert done["summary"]["mode"] == "phantom"
+    assert done["summary"]["mode"] == "instance"
     assert set(done["files"]) == set(OUTPUT_FILES)
 
 
@@ -393,3 +393,32 @@ def test_cli_does_not_import_slicer_vtk_or_qt(subprocess_env):
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env, timeout=120
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+@pytest.mark.parametrize("mode", ["instance", "phantom", "learned", "learned-refine"])
+def test_python_api_and_command_line_defaults_agree(mode):
+    from cnnreg.cli import build_parser, settings_from_args
+    from cnnreg.registration import RegistrationSettings
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", "o", "--mode", mode])
+    assert settings_from_args(args) == RegistrationSettings(mode=mode)
+    if mode in ("instance", "phantom"):
+        from cnnreg.optimize import DEFAULT_ITERATIONS
+
+        settings = settings_from_args(args).optimization
+        assert settings.iterations_per_level(3, mode) == list(DEFAULT_ITERATIONS[mode])
+
+
+def test_register_without_mode_is_instance_mode():
+    from cnnreg.cli import build_parser
+    from cnnreg.registration import RegistrationSettings
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", "o"])
+    assert args.mode == "instance" == RegistrationSettings().mode
+    text = parser._subparsers._group_actions[0].choices["register"].format_help()
+    options = text[text.index("options:") :]
+    for option in ("--mode", "--similarity", "--weight", "--window", "--iterations", "--seed", "--features"):
+        entry = options[options.index("  " + option) :].split("\n  --")[0]
+        assert "default" in entry, entry
