@@ -575,7 +575,7 @@ def main(argv=None) -> int:
         )
         target = out_dir / recipe["file"]
         shutil.copyfile(run_path, target)
-        checkpoint = load_checkpoint(target)
+        checkpoint = load_checkpoint(run_path)  # (the copy is checked against models.json once that is rewritten)
         history = checkpoint.training.get("history", [])
         last = load_checkpoint(paths["last"]).training.get("history", [])
         steps_done = len(last) * settings.steps_per_epoch
