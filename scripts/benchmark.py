@@ -65,6 +65,10 @@ OUR_CONFIGS: dict[str, list[str]] = {
     # (linear interpolation biases the optimum by a few tenths of a voxel), 40 iterations at
     # each of the two finer levels
     "instance-accurate": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--interpolation", "cubic", "--iterations", "100,40,40"],
+    # learned mode: one forward pass of the shipped weights (cnnreg/models, see the model card)
+    "learned": ["--mode", "learned"],
+    # the shipped network's field refined by the fast instance setting at two levels
+    "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, "--refine-iterations", "30,15"],
     # phantom mode sized for a CPU: the U-Net works on <= 64^3 voxels, field upsampled
     "phantom-lncc": [
         "--mode",

@@ -178,7 +178,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="learned modes: weights file (default: the shipped weights)")
     parser.add_argument(
-        "--refine-iterations", type=int, default=run.refine_iterations, help="learned-refine iterations"
+        "--refine-iterations",
+        type=_iterations,
+        default=run.refine_iterations,
+        help="learned-refine: dense-field iterations after the prediction, at full resolution (N) or per "
+        "level, coarse to fine (N1,N2: as many levels as numbers)",
     )
     parser.add_argument("--affine", action="store_true", help="affine pre-alignment with SimpleITK first")
     parser.add_argument(

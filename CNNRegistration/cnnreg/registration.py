@@ -63,7 +63,9 @@ class RegistrationSettings:
     normalization: Normalization | str = Normalization.MAX
     affine: bool = False
     model: str | None = None  # learned modes: weights file (None = the shipped weights)
-    refine_iterations: int = 50  # learned-refine: dense-field iterations after the prediction
+    # learned-refine: dense-field iterations after the prediction, at full resolution (a number)
+    # or per pyramid level, coarse to fine (a list: as many levels as entries)
+    refine_iterations: int | Sequence[int] = 50
 
     def validate(self) -> None:
         opt = self.optimization
@@ -99,6 +101,9 @@ class RegistrationSettings:
         )
         if not iterations or min(iterations) < 0:
             raise InputError(f"iterations must be >= 0, got {opt.iterations}")
+        refine = [self.refine_iterations] if isinstance(self.refine_iterations, int) else list(self.refine_iterations)
+        if not refine or min(refine) < 0:
+            raise InputError(f"refine iterations must be >= 0, got {self.refine_iterations}")
         if opt.levels < 1:
             raise InputError(f"levels must be >= 1, got {opt.levels}")
 
@@ -137,9 +142,13 @@ def _estimate_field(
     from .learned import predict_field  # the learned modes need shipped weights
 
     u = predict_field(fixed, moving, settings.model)
-    if mode is Mode.LEARNED_REFINE and settings.refine_iterations > 0:
-        refine = OptimizationSettings(**{**asdict(opt), "iterations": settings.refine_iterations})
-        u = optimize_field(fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=1, stage="refine ")
+    iterations = settings.refine_iterations
+    levels = 1 if isinstance(iterations, int) else len(iterations)
+    if mode is Mode.LEARNED_REFINE and (iterations if isinstance(iterations, int) else sum(iterations)) > 0:
+        refine = OptimizationSettings(**{**asdict(opt), "iterations": iterations})
+        u = optimize_field(
+            fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=levels, stage="refine "
+        )
     return u
 
 
@@ -157,7 +166,8 @@ def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
     if mode is Mode.LEARNED:
         return 0
     if mode is Mode.LEARNED_REFINE:
-        return settings.refine_iterations
+        iterations = settings.refine_iterations
+        return iterations if isinstance(iterations, int) else list(iterations)
     iterations = settings.optimization.iterations
     if iterations is None:
         iterations = DEFAULT_ITERATIONS[mode.value]

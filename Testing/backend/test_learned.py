@@ -309,6 +309,25 @@ def test_register_in_learned_mode_uses_the_checkpoint(tmp_path, synth):
     assert result.warped.GetSize() == fixed.GetSize()
 
 
+def test_learned_refine_runs_the_refinement_per_level_and_improves_the_similarity(tmp_path, synth):
+    from cnnreg.registration import RegistrationSettings, register
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, _perturb(FAIMNet(2), scale=0.01), {"working_shape": (32, 32)})
+    array = synth.blob_array((40, 44), seed=1)
+    fixed, moving = synth.make_image(array), synth.make_image(np.roll(array, 2, axis=1))
+    events = []
+    settings = RegistrationSettings(mode="learned-refine", model=str(path), device="cpu", refine_iterations=[12, 8])
+    result = register(fixed, moving, settings, callback=events.append)
+    stages = [e["stage"] for e in events if e.get("event") == "progress"]
+    assert stages.count("refine level 1/2") == 12 and stages.count("refine level 2/2") == 8
+    assert result.summary["iterations"] == [12, 8]
+    learned = register(fixed, moving, RegistrationSettings(mode="learned", model=str(path), device="cpu"))
+    assert result.summary["similarity_after"] > learned.summary["similarity_after"] + 0.01
+    with pytest.raises(InputError, match="refine iterations"):
+        register(fixed, moving, RegistrationSettings(mode="learned-refine", model=str(path), refine_iterations=[3, -1]))
+
+
 def test_unet_for_the_phantom_mode_is_unchanged():
     network = UNet(ndim=2, features=8, depth=2)
     assert network.config == dict(ndim=2, features=8, depth=2, batch_norm=True, in_channels=2, output_scale=1.0)
