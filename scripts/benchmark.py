@@ -65,6 +65,8 @@ OUR_CONFIGS: dict[str, list[str]] = {
     # (linear interpolation biases the optimum by a few tenths of a voxel), 40 iterations at
     # each of the two finer levels
     "instance-accurate": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--interpolation", "cubic", "--iterations", "100,40,40"],
+    # instance mode with mutual information (for the phantom-to-image case, whose intensities differ)
+    "instance-mi": ["--mode", "instance", "--similarity", "mi", "--regularizer", "diffusion"],
     # learned mode: one forward pass of the shipped weights (cnnreg/models, see the model card)
     "learned": ["--mode", "learned"],
     # the shipped network's field refined by the fast instance setting at two levels
@@ -82,12 +84,27 @@ OUR_CONFIGS: dict[str, list[str]] = {
         "--iterations",
         "100,60,40",
     ],
+    # phantom mode as Chen et al. 2020 ran it for XCAT -> CT: PCC+SSIM, gradient-L2 weight 0.8
+    "phantom-pcc-ssim": [
+        "--mode",
+        "phantom",
+        "--similarity",
+        "pcc+ssim",
+        "--regularizer",
+        "diffusion",
+        "--weight",
+        "0.8",
+        "--max-cnn-voxels",
+        "262144",
+        "--iterations",
+        "100,60,40",
+    ],
 }
 #: appended to every configuration with --quick
 QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]
 #: appended to every configuration always (peers get the same thread budget)
 COMMON_ARGS: list[str] = ["--device", "cpu", "--no-qc", "--overwrite"]
-DEFAULT_CASES = ["mni2mm", "colin1mm", "itk_t1", "2d", "mni_colin"]
+DEFAULT_CASES = ["mni2mm", "colin1mm", "itk_t1", "2d", "mni_colin", "phantom_mni"]
 THREADS = 2
 
 BENCHMARK = ROOT / "benchmark"

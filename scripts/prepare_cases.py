@@ -696,12 +696,55 @@ def _case_mni_colin(out_dir, rng):
     return write_case(out_dir, fixed, fixed_labels, info, moving=moving, moving_labels=moving_labels)
 
 
+#: constant intensities of the phantom case's tissue classes (T1-like order: CSF-like < GM < WM)
+PHANTOM_INTENSITIES = {0: 0.25, 1: 0.6, 2: 1.0}
+
+
+def _case_phantom_mni(out_dir, rng):
+    """A piecewise-constant "phantom" made from Colin27's labels, registered to MNI152 (the
+    XCAT-to-patient use of the extension, on brains)."""
+    fixed, _ = mni_2mm((96, 96, 96))
+    colin = sitk.Cast(sitk.ReadImage(str(MRICRON / "ch2bet.nii.gz")), sitk.sitkFloat32)
+    aal = sitk.ReadImage(str(MRICRON / "aal.nii.gz"))
+    transform = affine_to(fixed, colin)
+    colin_on_grid = sitk.Resample(colin, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    tissues = sitk.GetArrayFromImage(otsu_tissues(colin_on_grid))
+    brain = sitk.GetArrayFromImage(colin_on_grid) > 0.02 * float(sitk.GetArrayViewFromImage(colin_on_grid).max())
+    regions = sitk.GetArrayFromImage(sitk.Resample(aal, fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32))
+    # every class a constant; each AAL region of the grey matter its own constant within +-5 % (organs)
+    phantom = np.zeros(tissues.shape, np.float32)
+    for value, intensity in PHANTOM_INTENSITIES.items():
+        phantom[brain & (tissues == value)] = intensity
+    for region in np.unique(regions[regions > 0]):
+        inside = brain & (tissues == 1) & (regions == region)
+        phantom[inside] = PHANTOM_INTENSITIES[1] * (1.0 + rng.uniform(-0.05, 0.05))
+    moving = gaussian_filter(phantom, [0.5, 0.5, 0.5])  # partial volume at the class borders
+    moving_image = array_image(moving.astype(np.float32), fixed)
+    fixed_labels = otsu_tissues(fixed)
+    moving_labels = array_image(np.where(brain, tissues, 0).astype(np.uint8), fixed)
+    info = {
+        "name": "phantom_mni",
+        "description": "Phantom-to-image: moving = a piecewise-constant phantom made from Colin27 (ch2bet) affinely "
+        "aligned to MNI152 (Mattes MI): its 3-class Otsu tissues given constant intensities "
+        f"{PHANTOM_INTENSITIES} (CSF-like, GM, WM), each AAL region of the grey matter its own constant "
+        "within +-5 %, Gaussian-blurred by 0.5 voxel; fixed = the real MNI152 2009a T1 at 2 mm (96^3, as "
+        "mni2mm). Labels 1 = GM, 2 = WM: the phantom's own classes (moving) and the Otsu classes of MNI152 "
+        "(fixed). No true field.",
+        "source": "nilearn MNI152 (resolution=2); Debian mricron-data ch2bet.nii.gz, aal.nii.gz",
+        "licence": MNI_LICENCE + " / " + COLIN_LICENCE,
+        "label_names": MNI_NAMES,
+        "affine_prealignment": {"fixed_to_moving": transform.GetName(), "parameters": list(transform.GetParameters())},
+    }
+    return write_case(out_dir, fixed, fixed_labels, info, moving=moving_image, moving_labels=moving_labels)
+
+
 CASES: dict[str, Callable] = {
     "mni2mm": _case_mni2mm,
     "colin1mm": _case_colin1mm,
     "itk_t1": _case_itk_t1,
     "2d": _case_2d,
     "mni_colin": _case_mni_colin,
+    "phantom_mni": _case_phantom_mni,
     "sample": _case_sample,
 }
 

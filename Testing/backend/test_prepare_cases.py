@@ -158,3 +158,27 @@ def test_bundled_sample_data():
     record = json.loads((folder / "case.json").read_text())
     before = dice_per_label(sitk.ReadImage(str(folder / "fixed_labels.nii.gz")), labels)
     assert before == pytest.approx({int(k): v for k, v in record["checks"]["dice_before"].items()})
+
+
+@needs_nilearn
+@pytest.mark.skipif(not (prepare_cases.MRICRON / "aal.nii.gz").is_file(), reason="Debian mricron-data not installed")
+def test_phantom_case_is_piecewise_constant_with_consistent_labels(tmp_path):
+    from scipy import ndimage
+
+    paths = prepare_cases.prepare_case("phantom_mni", tmp_path, seed=0)
+    moving = sitk.GetArrayFromImage(sitk.ReadImage(paths["moving"]))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(paths["moving_labels"]))
+    fixed_labels = sitk.GetArrayFromImage(sitk.ReadImage(paths["fixed_labels"]))
+    assert set(np.unique(labels)) == {0, 1, 2} and set(np.unique(fixed_labels)) == {0, 1, 2}
+    # deep inside the white matter the blurred phantom is the class constant
+    deep_wm = ndimage.binary_erosion(labels == 2, iterations=3)
+    assert deep_wm.sum() > 1000
+    np.testing.assert_allclose(moving[deep_wm], prepare_cases.PHANTOM_INTENSITIES[2], atol=1e-4)
+    # grey-matter regions lie within +-5 % of the grey-matter constant
+    deep_gm = ndimage.binary_erosion(labels == 1, iterations=1)
+    gm = prepare_cases.PHANTOM_INTENSITIES[1]
+    assert np.all(np.abs(moving[deep_gm] - gm) <= 0.05 * gm + 0.02)
+    # a real pair: Colin27's classes overlap MNI152's only partly before registration
+    dice = dice_per_label(fixed_labels, labels)
+    assert 0.5 < dice[1] < 0.8 and 0.6 < dice[2] < 0.85
+    assert "true_displacement" not in paths
