@@ -290,19 +290,27 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_apply(args: argparse.Namespace) -> int:
     from . import image as im
+    from .outputs import check_writable_parent, staged_file, verify_image_file
 
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
+    if os.path.lexists(out) and not args.overwrite:
         raise InputError(f"output file {out} already exists; pass --overwrite to replace it")
-    if out in {os.path.abspath(p) for p in (args.displacement, args.image, args.reference) if p}:
+    if os.path.isdir(out):
+        raise InputError(f"output {out} is a folder; give an image file name (e.g. warped.nii.gz)")
+    inputs = [p for p in (args.displacement, args.image, args.reference) if p]
+    if {out, os.path.realpath(out)} & ({os.path.abspath(p) for p in inputs} | {os.path.realpath(p) for p in inputs}):
         raise InputError(f"output {out} is one of the inputs; choose another output file")
+    check_writable_parent(out)
     field = im.read_displacement(args.displacement)
     labels = Interpolation(args.interpolation) is Interpolation.NEAREST  # a mask may hold one label
     image = im.read_image(args.image, "image", allow_constant=labels)
     reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
     warped = im.apply_displacement(image, field, reference, args.interpolation)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    im.write_image(warped, out)
+    if os.path.islink(out):  # replace the link itself, never what it points to
+        os.remove(out)
+    with staged_file(out) as stage:
+        im.write_image(warped, stage)
+        verify_image_file(stage, warped)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

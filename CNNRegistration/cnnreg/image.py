@@ -328,12 +328,16 @@ def apply_displacement(
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write ``image`` (format from the extension); InputError naming the path if it fails."""
+    """Write ``image`` (format from the extension); :class:`cnnreg.outputs.WriteError` naming the
+    path if SimpleITK reports a failure (a short write is only found by reading back:
+    :func:`cnnreg.outputs.verify_image_file`)."""
+    from .outputs import WriteError
+
     path = os.fspath(path)
     try:
         sitk.WriteImage(image, path, useCompression=compress)
     except RuntimeError as error:
-        raise InputError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
+        raise WriteError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
 
 
 def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -15,6 +15,7 @@ pre-alignment), both are normalised, a displacement ``u`` is estimated on the fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -292,27 +293,49 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: Seq
 
 
 def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: bool = True) -> dict[str, str]:
-    """Write the result files into ``out_dir`` (created if needed); returns name -> path."""
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    displacement = sitk.Cast(result.displacement, sitk.sitkVectorFloat32)
-    for key, image in (
-        ("warped", result.warped),
-        ("displacement", displacement),
-        ("jacobian", result.jacobian),
-        ("warped_labels", result.warped_labels),
-    ):
-        if image is not None:
-            paths[key] = os.path.join(out_dir, OUTPUT_FILES[key])
-            im.write_image(image, paths[key])
-    if qc and result.fixed is not None:
-        from .qc import qc_figure
+    """Write the result files into ``out_dir``; returns name -> path.
 
-        paths["qc"] = os.path.join(out_dir, OUTPUT_FILES["qc"])
-        qc_figure(result.fixed, result.moving_on_fixed, result.warped, result.jacobian, paths["qc"])
-    paths["summary"] = os.path.join(out_dir, OUTPUT_FILES["summary"])
-    summary = {**result.summary, "files": {k: os.path.basename(v) for k, v in paths.items()}}
-    with open(paths["summary"], "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    return paths
+    The files are written into a new folder beside ``out_dir``, each read back and compared
+    (:func:`cnnreg.outputs.verify_image_file`), and that folder then replaces ``out_dir``
+    (:func:`cnnreg.outputs.staged_folder`): on any failure nothing of this run is left and an
+    existing ``out_dir`` is untouched; on success ``out_dir`` holds exactly these files.  The
+    QC picture is optional: if it cannot be drawn, the run still succeeds and the summary says
+    why (``qc_error``).  Raises :class:`cnnreg.outputs.WriteError` when a file cannot be written.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    names = {}
+    summary = dict(result.summary)
+    displacement = sitk.Cast(result.displacement, sitk.sitkVectorFloat32)
+    with outputs.staged_folder(out_dir) as stage:
+        for key, image in (
+            ("warped", result.warped),
+            ("displacement", displacement),
+            ("jacobian", result.jacobian),
+            ("warped_labels", result.warped_labels),
+        ):
+            if image is not None:
+                path = os.path.join(stage, OUTPUT_FILES[key])
+                im.write_image(image, path)
+                outputs.verify_image_file(path, image)
+                names[key] = OUTPUT_FILES[key]
+        if qc and result.fixed is not None:
+            try:
+                from .qc import qc_figure
+
+                qc_figure(
+                    result.fixed,
+                    result.moving_on_fixed,
+                    result.warped,
+                    result.jacobian,
+                    os.path.join(stage, OUTPUT_FILES["qc"]),
+                )
+                names["qc"] = OUTPUT_FILES["qc"]
+            except Exception as error:  # noqa: BLE001 - the picture must never cost the results
+                summary["qc_error"] = f"{type(error).__name__}: {error}"
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(stage, OUTPUT_FILES["qc"]))
+        names["summary"] = OUTPUT_FILES["summary"]
+        summary["files"] = dict(names)
+        outputs.write_verified_text(os.path.join(stage, OUTPUT_FILES["summary"]), json.dumps(summary, indent=2))
+    result.summary = summary
+    return {key: os.path.join(out_dir, name) for key, name in names.items()}

@@ -7,6 +7,7 @@ One real subprocess run (the command a user and the Slicer module run); everythi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,9 @@ def test_overwrite_replaces_the_results(inputs, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "instance"
     assert not (out / "qc.png").exists() and "qc" not in summary["files"]
-    assert (out / "old.txt").exists()  # other files in the folder are left alone
+    # --overwrite: the folder holds exactly this run (no stale file of an earlier one)
+    assert sorted(p.name for p in out.iterdir()) == sorted(summary["files"].values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".again.")]  # no staging left
 
 
 # --------------------------------------------------------------------------------------
@@ -342,6 +345,23 @@ def test_apply_refuses_to_write_over_an_input(cli_run, inputs, capsys):
     assert Path(field).read_bytes() == before
 
 
+def test_apply_replaces_a_link_at_the_output_never_its_target(cli_run, inputs, tmp_path, capsys):
+    field = str(cli_run["out"] / "displacement.nii.gz")
+    target = tmp_path / "mine.nii.gz"
+    target.write_bytes(Path(inputs["moving.nii.gz"]).read_bytes())
+    link = tmp_path / "applied.nii.gz"
+    os.symlink(target, link)
+    before = target.read_bytes()
+    args = ["apply", "--displacement", field, "--image", inputs["labels.nii.gz"], "--interpolation", "nearest"]
+    assert main([*args, "--out", str(link), "--overwrite"]) == 0
+    assert target.read_bytes() == before and not link.is_symlink()
+    # a link that points at an input is refused outright
+    os.remove(link)
+    os.symlink(inputs["labels.nii.gz"], link)
+    assert main([*args, "--out", str(link), "--overwrite"]) == 2 and "one of the inputs" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
 def test_apply_bad_inputs(cli_run, inputs, tmp_path, capsys):
     target = tmp_path / "x.nii.gz"
     code = main(
@@ -422,3 +442,124 @@ def test_register_without_mode_is_instance_mode():
     for option in ("--mode", "--similarity", "--weight", "--window", "--iterations", "--seed", "--features"):
         entry = options[options.index("  " + option) :].split("\n  --")[0]
         assert "default" in entry, entry
+
+
+# --------------------------------------------------------------------------------------
+# writing results: staged, verified, never through links, never half
+# --------------------------------------------------------------------------------------
+
+
+def _first_run(inputs, out):
+    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0
+    return _snapshot(out)
+
+
+def test_a_failed_write_leaves_the_old_results_intact(inputs, tmp_path, capsys, monkeypatch):
+    from cnnreg import outputs
+
+    out = tmp_path / "results"
+    before = _first_run(inputs, out)
+    calls = []
+
+    def short_write(path, expected):  # the second file "does not read back" (as on a full disk)
+        calls.append(path)
+        if len(calls) == 2:
+            raise outputs.WriteError(f"writing {path} failed: the file does not hold what was written")
+
+    monkeypatch.setattr(outputs, "verify_image_file", short_write)
+    code = main(_register_args(inputs, out, "--overwrite", "--progress", "none", "--seed", "5", *FAST))
+    assert code == EXIT_DEVICE == 3 and "does not hold what was written" in capsys.readouterr().err
+    assert _snapshot(out) == before  # the earlier run, untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inputs") == ["results"]
+
+
+def test_cancel_during_the_write_phase_leaves_nothing_new(inputs, tmp_path, capsys, monkeypatch):
+    from cnnreg import registration
+
+    out = tmp_path / "fresh"
+    original = registration.im.write_image
+    count = []
+
+    def interrupted(image, path, compress=True):
+        count.append(path)
+        if len(count) == 3:
+            raise KeyboardInterrupt
+        original(image, path, compress)
+
+    monkeypatch.setattr(registration.im, "write_image", interrupted)
+    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 130
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh.")]
+
+
+def test_a_link_in_the_output_folder_is_replaced_not_followed(inputs, tmp_path):
+    out = tmp_path / "linked"
+    out.mkdir()
+    moving_bytes = Path(inputs["moving.nii.gz"]).read_bytes()
+    os.symlink(inputs["moving.nii.gz"], out / "warped.nii.gz")
+    assert main(_register_args(inputs, out, "--overwrite", "--progress", "none", *FAST)) == 0
+    assert Path(inputs["moving.nii.gz"]).read_bytes() == moving_bytes  # the input is untouched
+    assert not (out / "warped.nii.gz").is_symlink()
+
+
+def test_an_input_inside_the_output_folder_is_refused(inputs, tmp_path, capsys):
+    out = tmp_path / "holds_input"
+    out.mkdir()
+    moving = out / "my_moving.nii.gz"
+    moving.write_bytes(Path(inputs["moving.nii.gz"]).read_bytes())
+    args = _register_args(
+        {**inputs, "mine": str(moving)}, out, "--overwrite", "--progress", "none", *FAST, moving="mine"
+    )
+    assert main(args) == EXIT_INPUT and "inside the output folder" in capsys.readouterr().err
+    assert moving.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_an_unwritable_output_folder_is_found_before_any_work(inputs, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(_register_args(inputs, locked / "out", "--progress", "none", *FAST)) == EXIT_INPUT
+    finally:
+        locked.chmod(0o700)
+    assert "cannot write into" in capsys.readouterr().err
+
+
+def test_an_output_path_under_a_file_is_found_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    from cnnreg import registration
+
+    monkeypatch.setattr(registration, "register", lambda *a, **k: pytest.fail("registered before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(_register_args(inputs, a_file / "out", "--progress", "none", *FAST)) == EXIT_INPUT
+    assert "cannot write into" in capsys.readouterr().err
+
+
+def test_a_qc_failure_does_not_cost_the_results(inputs, tmp_path, monkeypatch):
+    import cnnreg.qc
+
+    def broken(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(cnnreg.qc, "qc_figure", broken)
+    out = tmp_path / "no_qc"
+    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "matplotlib" in summary["qc_error"] and "qc" not in summary["files"] and not (out / "qc.png").exists()
+    assert (out / "displacement.nii.gz").exists()
+
+
+def test_verify_image_file_finds_a_truncated_file(tmp_path):
+    from cnnreg.outputs import WriteError, verify_image_file
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
+    path = tmp_path / "field.nii.gz"
+    sitk.WriteImage(image, str(path), useCompression=True)
+    verify_image_file(str(path), image)  # a good file passes
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WriteError, match="field.nii.gz"):
+        verify_image_file(str(path), image)
+    path.write_bytes(b"")
+    with pytest.raises(WriteError, match="empty"):
+        verify_image_file(str(path), image)
