@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -92,6 +93,33 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) within ``[low, high]`` (``(low, high]``
+    with ``low_open``), refused at parse time with the bound in the message."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+#: random seeds: what numpy, Python and torch all accept
+MAX_SEED = 2**32 - 1
+
+
 def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed", required=True, help="fixed (target) image, any SimpleITK format")
     parser.add_argument("--moving", required=True, help="moving (source) image")
@@ -132,15 +160,15 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--regularizer", default=Regularizer(opt.regularizer).value, choices=choices(Regularizer), help="regularizer"
     )
-    parser.add_argument("--weight", type=float, default=opt.weight, help="regularizer weight")
+    parser.add_argument("--weight", type=_number(float, 0), default=opt.weight, help="regularizer weight (>= 0)")
     parser.add_argument(
         "--jacobian-weight",
-        type=float,
+        type=_number(float, 0),
         default=opt.jacobian_weight,
         help="weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off",
     )
-    parser.add_argument("--window", type=int, default=opt.window, help="LNCC window, voxels (odd)")
-    parser.add_argument("--levels", type=int, default=opt.levels, help="pyramid levels")
+    parser.add_argument("--window", type=_number(int, 1), default=opt.window, help="LNCC window, voxels (odd)")
+    parser.add_argument("--levels", type=_number(int, 1, 12), default=opt.levels, help="pyramid levels")
     parser.add_argument(
         "--iterations",
         type=_iterations,
@@ -149,18 +177,21 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--learning-rate",
-        type=float,
+        type=_number(float, 0, low_open=True),
         default=None,
         help="optimiser step (default per mode: dense-field optimisers "
         + ", ".join(f"{k} {v:g}" for k, v in DENSE_LEARNING_RATES.items())
         + f"; phantom CNN Adam {CNNField.default_learning_rate:g})",
     )
     parser.add_argument(
-        "--field-smoothing", type=float, default=opt.field_smoothing, help="Gaussian sigma of the field update, voxels"
+        "--field-smoothing",
+        type=_number(float, 0),
+        default=opt.field_smoothing,
+        help="Gaussian sigma of the field update, voxels (>= 0)",
     )
     parser.add_argument(
         "--control-spacing",
-        type=float,
+        type=_number(float, 1),
         default=opt.control_spacing,
         help="dense-field control grid spacing, voxels (1 = every voxel)",
     )
@@ -172,9 +203,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
         "cubic B-spline (more accurate sub-voxel alignment, slower)",
     )
-    parser.add_argument("--features", type=int, default=opt.features, help="phantom-mode CNN width")
+    parser.add_argument("--features", type=_number(int, 1), default=opt.features, help="phantom-mode CNN width")
     parser.add_argument(
-        "--max-cnn-voxels", type=int, default=opt.max_cnn_voxels, help="phantom-mode working-grid size limit"
+        "--max-cnn-voxels",
+        type=_number(int, 1),
+        default=opt.max_cnn_voxels,
+        help="phantom-mode working-grid size limit",
     )
     parser.add_argument("--model", help="learned modes: weights file (default: the shipped weights)")
     parser.add_argument(
@@ -192,9 +226,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="intensity normalisation of both images",
     )
     parser.add_argument("--device", default=run.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
-        "--seed", type=int, default=run.seed, help="random seed (runs are repeatable at the same thread count)"
+        "--threads", type=_number(int, 1, 1024), default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_number(int, 0, MAX_SEED),
+        default=run.seed,
+        help="random seed, 0 to 2^32 - 1 (runs are repeatable at the same thread count)",
     )
 
 
@@ -240,18 +279,19 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def _run_register(args: argparse.Namespace) -> int:
     from . import image as im
-    from .registration import check_output_folder, register, write_result
+    from .registration import check_memory, check_output_folder, register, write_result
 
     report = ProgressReporter(args.progress)
     set_threads(args)
     out_dir = check_output_folder(
         args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
     )
+    settings = settings_from_args(args)
+    check_memory(args.fixed, args.moving, settings)  # from the headers, before anything large is read
     fixed = im.read_image(args.fixed, "fixed image")
     moving = im.read_image(args.moving, "moving image")
     labels = im.read_image(args.moving_labels, "moving labels", allow_constant=True) if args.moving_labels else None
     mask = im.read_image(args.fixed_mask, "fixed mask", allow_constant=True) if args.fixed_mask else None
-    settings = settings_from_args(args)
     from .device import describe_device, resolve_device
 
     device = describe_device(resolve_device(args.device))

@@ -8,13 +8,14 @@ import random
 import numpy as np
 import torch
 
-from .errors import DeviceError
+from .errors import DeviceError, InputError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` -> first CUDA GPU if available, else CPU; ``"cpu"``; ``"cuda"``/``"cuda:N"``.
 
-    Raises DeviceError when CUDA is asked for but unavailable, or the name is unknown.
+    ``"gpu"`` is an alias of ``"cuda"``.  Raises DeviceError when CUDA is asked for but
+    unavailable, InputError when the name is unknown (bad input, exit code 2).
     """
     name = (name or "auto").strip().lower()
     if name == "auto":
@@ -28,7 +29,25 @@ def resolve_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
         return device
-    raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N (gpu is an alias of cuda)")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (``MemAvailable`` of /proc/meminfo, else free
+    physical pages); None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def describe_device(device: torch.device) -> str:

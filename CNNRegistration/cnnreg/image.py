@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from .conventions import Interpolation, Normalization
 from .errors import InputError
+from .nifti import check_nifti, is_nifti
 from .spatial import lps_to_voxel, voxel_to_lps
 
 GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
@@ -24,13 +25,16 @@ GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comp
 def read_image(path: str | os.PathLike, role: str = "image", allow_constant: bool = False) -> sitk.Image:
     """Read a scalar 2D/3D image with any format SimpleITK knows; check it is usable.
 
-    Raises InputError for: missing/unreadable file, vector or 4D image, NaN/Inf values,
+    Raises InputError for: missing/unreadable file, truncated NIfTI, vector or 4D image, NaN/Inf values
+    (for NIfTI as stored in the file: :mod:`cnnreg.nifti`),
     an empty image, a 1D profile, or a constant image (unless ``allow_constant``, e.g. a
     single-label mask).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{role} file not found: {path}")
+    if is_nifti(path):
+        check_nifti(path, role)  # truncation and NaN/Inf, which SimpleITK's reader hides
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as error:
@@ -38,6 +42,21 @@ def read_image(path: str | os.PathLike, role: str = "image", allow_constant: boo
         raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
     check_image(image, f"{role} {path}", allow_constant=allow_constant)
     return image
+
+
+def size_from_header(path: str | os.PathLike, role: str = "image") -> tuple[int, ...]:
+    """The image's size (SimpleITK order ``(i, j, k)``) from its header only: nothing large is read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{role} file not found: {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
+    return tuple(int(n) for n in reader.GetSize())
 
 
 def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> None:
@@ -294,6 +313,8 @@ def read_displacement(path: str | os.PathLike) -> sitk.Image:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"displacement file not found: {path}")
+    if is_nifti(path):
+        check_nifti(path, "displacement")
     try:
         field = sitk.ReadImage(path)
     except RuntimeError:
@@ -323,6 +344,10 @@ def apply_displacement(
     """
     if image.GetDimension() != field.GetDimension():
         raise InputError(f"image is {image.GetDimension()}D but the displacement field is {field.GetDimension()}D")
+    if reference is not None and reference.GetDimension() != field.GetDimension():
+        raise InputError(
+            f"the reference grid is {reference.GetDimension()}D but the displacement field is {field.GetDimension()}D"
+        )
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return resample(image, reference if reference is not None else field, transform, interpolation, default_value)
 

@@ -253,7 +253,9 @@ def test_learned_mode_without_weights_is_a_clear_input_error(inputs, tmp_path, c
 
 def test_zero_features_is_a_clear_input_error(inputs, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(_register_args(inputs, out, *FAST, "--features", "0")) == 2
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, exit code 2
+        main(_register_args(inputs, out, *FAST, "--features", "0"))
+    assert exit_info.value.code == 2 and "--features: must be >= 1" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -563,3 +565,112 @@ def test_verify_image_file_finds_a_truncated_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(WriteError, match="empty"):
         verify_image_file(str(path), image)
+
+
+# --------------------------------------------------------------------------------------
+# reading inputs: what SimpleITK hides, and options refused at parse time
+# --------------------------------------------------------------------------------------
+
+
+def _nifti_pair(tmp_path, synth, **changes):
+    array = synth.blob_array((16, 18, 20), seed=3).astype(np.float32)
+    fixed = tmp_path / "f.nii.gz"
+    sitk.WriteImage(synth.make_image(array), str(fixed))
+    for name, change in changes.items():
+        changed = array.copy()
+        change(changed)
+        sitk.WriteImage(synth.make_image(changed), str(tmp_path / name), useCompression=name.endswith(".gz"))
+    return fixed
+
+
+@pytest.mark.parametrize("name", ["m.nii.gz", "m.nii"])
+def test_nan_and_inf_stored_in_nifti_are_refused(tmp_path, synth, capsys, name):
+    def plant(a):
+        a[2, 3, 4], a[5, 5, 5] = np.nan, np.inf
+
+    fixed = _nifti_pair(tmp_path, synth, **{name: plant})
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))).all()  # what SimpleITK shows
+    args = ["register", "--fixed", str(fixed), "--moving", str(tmp_path / name), "--out", str(tmp_path / "o"), *FAST]
+    assert main(args) == EXIT_INPUT
+    assert "2 NaN or infinite voxels" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["m.nii.gz", "m.nii"])
+def test_truncated_nifti_is_refused(tmp_path, synth, capsys, name):
+    fixed = _nifti_pair(tmp_path, synth, **{name: lambda a: None})
+    path = tmp_path / name
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.7)])
+    sitk.ReadImage(str(path))  # SimpleITK reads it without complaint
+    apply_args = ["apply", "--displacement", str(path), "--image", str(fixed), "--out", str(tmp_path / "a.nii.gz")]
+    args = ["register", "--fixed", str(fixed), "--moving", str(path), "--out", str(tmp_path / "o"), *FAST]
+    assert main(args) == EXIT_INPUT
+    assert "truncated" in capsys.readouterr().err and str(path) in str(path)
+    assert main(apply_args) == EXIT_INPUT and "truncated" in capsys.readouterr().err
+
+
+def test_a_volume_too_large_for_the_memory_is_refused_from_its_header(tmp_path, capsys):
+    import gzip
+    import struct
+
+    header = bytearray(352)  # NIfTI-1, 1000^3 uint8 zeros: ~1 MB of gzip, 1 GB of voxels
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, 1000, 1000, 1000, 1, 1, 1, 1)
+    struct.pack_into("<2h", header, 70, 2, 8)
+    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352.0)
+    header[344:348] = b"n+1\x00"
+    path = tmp_path / "huge.nii.gz"
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(bytes(header))
+        for _ in range(100):
+            handle.write(bytes(10**7))
+    args = ["register", "--fixed", str(path), "--moving", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(args) == EXIT_DEVICE
+    captured = capsys.readouterr()
+    error = json.loads(captured.out.strip().splitlines()[-1])
+    assert error["event"] == "error" and "GiB" in error["message"] and "1000x1000x1000" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--threads", "-4"),
+        ("--threads", "0"),
+        ("--seed", "99999999999999999999"),
+        ("--seed", "-1"),
+        ("--weight", "nan"),
+        ("--weight", "-1"),
+        ("--field-smoothing", "-3"),
+        ("--field-smoothing", "nan"),
+        ("--jacobian-weight", "inf"),
+        ("--learning-rate", "0"),
+        ("--control-spacing", "0.5"),
+        ("--levels", "0"),
+    ],
+)
+def test_bad_numbers_are_refused_at_parse_time(inputs, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_register_args(inputs, tmp_path / "o", option, value))
+    assert exit_info.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_device_is_bad_input(inputs, tmp_path, capsys):
+    assert main(_register_args(inputs, tmp_path / "o", "--device", "tpu", *FAST[2:])) == EXIT_INPUT
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_apply_with_a_reference_of_another_dimension_is_bad_input(cli_run, inputs, tmp_path, capsys):
+    field = str(cli_run["out"] / "displacement.nii.gz")
+    args = [
+        "apply",
+        "--displacement",
+        field,
+        "--image",
+        inputs["moving.nii.gz"],
+        "--reference",
+        inputs["slice2d.nii.gz"],
+    ]
+    assert main([*args, "--out", str(tmp_path / "a.nii.gz")]) == EXIT_INPUT
+    assert "reference grid is 2D" in capsys.readouterr().err

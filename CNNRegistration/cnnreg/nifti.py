@@ -1,0 +1,139 @@
+"""What a NIfTI file holds, checked from its own bytes before SimpleITK reads it (no torch).
+
+SimpleITK (ITK's NIfTI reader) reads a truncated ``.nii``/``.nii.gz`` without an error
+(the missing voxels become zeros) and turns stored NaN/Inf values into 0, so neither can be
+seen in the image it returns.  :func:`check_nifti` reads the header (NIfTI-1 or -2, either
+byte order), then streams the data -- through ``gzip`` for ``.nii.gz``, which checks the
+stream's length and CRC -- and raises :class:`~cnnreg.errors.InputError` naming the file
+when the data is shorter than the header says, the gzip stream is cut or corrupt, or a
+floating-point voxel is NaN/Inf.  :func:`nifti_header` alone gives the grid size and bytes
+per voxel (for memory estimates before anything large is read).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+#: NIfTI datatype code -> numpy dtype (little-endian; byte-swapped for big-endian files)
+DATATYPES = {
+    2: np.uint8,
+    4: np.int16,
+    8: np.int32,
+    16: np.float32,
+    32: np.complex64,
+    64: np.float64,
+    128: np.uint8,  # RGB24: 3 bytes per voxel, read as bytes
+    256: np.int8,
+    512: np.uint16,
+    768: np.uint32,
+    1024: np.int64,
+    1280: np.uint64,
+}
+CHUNK_BYTES = 1 << 24
+
+
+@dataclass
+class NiftiHeader:
+    shape: tuple[int, ...]  # dim[1..dim[0]], NIfTI order (i, j, k, t, ...)
+    datatype: int
+    bits_per_voxel: int
+    data_offset: int
+    byte_order: str  # "<" or ">"
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.bits_per_voxel // 8
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    name = os.fspath(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _parse(head: bytes, path: str, role: str) -> NiftiHeader:
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            ndim = struct.unpack(order + "h", head[40:42])[0]
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+            offset = struct.unpack(order + "f", head[108:112])[0]
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            ndim = dims[0]
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        raise InputError(f"cannot read {role} file {path}: not a NIfTI file (no NIfTI-1/2 header)")
+    if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1 : ndim + 1]) or bitpix <= 0:
+        raise InputError(
+            f"cannot read {role} file {path}: invalid NIfTI header (dim {list(dims[: ndim + 1])}, bitpix {bitpix})"
+        )
+    return NiftiHeader(tuple(int(d) for d in dims[1 : ndim + 1]), int(datatype), int(bitpix), int(offset), order)
+
+
+def nifti_header(path: str | os.PathLike, role: str = "image") -> NiftiHeader:
+    """The header of a ``.nii``/``.nii.gz`` file (reads only its first bytes)."""
+    path = os.fspath(path)
+    try:
+        with _open(path) as handle:
+            head = handle.read(540)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"cannot read {role} file {path}: {error}") from None
+    return _parse(head, path, role)
+
+
+def check_nifti(path: str | os.PathLike, role: str = "image") -> NiftiHeader:
+    """Stream the whole file; InputError if it is truncated/corrupt or holds NaN/Inf floats."""
+    path = os.fspath(path)
+    header = nifti_header(path, role)
+    dtype = DATATYPES.get(header.datatype)
+    floats = dtype in (np.float32, np.float64, np.complex64)
+    element = np.dtype(dtype).newbyteorder(header.byte_order) if floats else None
+    bad = 0
+    received = 0
+    try:
+        with _open(path) as handle:
+            handle.read(header.data_offset)
+            leftover = b""
+            while received < header.data_bytes:
+                chunk = handle.read(min(CHUNK_BYTES, header.data_bytes - received))
+                if not chunk:
+                    break
+                received += len(chunk)
+                if floats:
+                    data = leftover + chunk
+                    usable = len(data) - len(data) % element.itemsize
+                    values = np.frombuffer(data[:usable], dtype=element)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    leftover = data[usable:]
+            if path.lower().endswith(".gz"):
+                handle.read()  # to the end of the stream: gzip checks its length and CRC there
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{role} file {path} is truncated or corrupt ({error})") from None
+    if received < header.data_bytes:
+        raise InputError(
+            f"{role} file {path} is truncated: its header promises {header.data_bytes} bytes of voxel data "
+            f"({'x'.join(map(str, header.shape))} voxels, {header.bits_per_voxel} bits each) but it holds {received}"
+        )
+    if bad:
+        raise InputError(f"{role} file {path} contains {bad} NaN or infinite voxels")
+    return header
