@@ -288,6 +288,13 @@ def _run_register(args: argparse.Namespace) -> int:
     )
     settings = settings_from_args(args)
     check_memory(args.fixed, args.moving, settings)  # from the headers, before anything large is read
+    fixed_size = im.size_from_header(args.fixed, "fixed image")
+    if len(fixed_size) == 3 and fixed_size[2] == 1 and min(fixed_size[:2]) > 1:
+        raise InputError(
+            f"the fixed image {args.fixed} is a single slice stored as a 3D image (size {fixed_size}); its 3D "
+            "displacement field cannot be stored in the NIfTI outputs (they would read back as 2D). Save both "
+            "images as 2D (e.g. SimpleITK Extract or Slicer's 2D export) and register those"
+        )
     fixed = im.read_image(args.fixed, "fixed image")
     moving = im.read_image(args.moving, "moving image")
     labels = im.read_image(args.moving_labels, "moving labels", allow_constant=True) if args.moving_labels else None

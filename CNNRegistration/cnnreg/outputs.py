@@ -143,11 +143,15 @@ def verify_image_file(path: str, expected) -> None:
         raise WriteError(
             f"writing {path} failed: it does not read back ({str(error).strip().splitlines()[-1]})"
         ) from None
-    same = (
-        back.GetSize() == expected.GetSize()
-        and back.GetNumberOfComponentsPerPixel() == expected.GetNumberOfComponentsPerPixel()
-        and np.allclose(back.GetSpacing(), expected.GetSpacing())
-        and _same_values(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(expected))
+    layout = (back.GetSize(), back.GetNumberOfComponentsPerPixel())
+    wanted = (expected.GetSize(), expected.GetNumberOfComponentsPerPixel())
+    if layout != wanted:
+        raise WriteError(
+            f"writing {path} failed: it reads back as size {layout[0]} with {layout[1]} components per voxel "
+            f"instead of {wanted[0]} with {wanted[1]}"
+        )
+    same = np.allclose(back.GetSpacing(), expected.GetSpacing()) and _same_values(
+        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(expected)
     )
     if not same:
         raise WriteError(f"writing {path} failed: the file does not hold what was written (disk full or I/O error?)")

@@ -674,3 +674,14 @@ def test_apply_with_a_reference_of_another_dimension_is_bad_input(cli_run, input
     ]
     assert main([*args, "--out", str(tmp_path / "a.nii.gz")]) == EXIT_INPUT
     assert "reference grid is 2D" in capsys.readouterr().err
+
+
+def test_a_single_slice_stored_as_3d_is_refused_clearly(tmp_path, synth, capsys):
+    array = synth.blob_array((24, 26), seed=2)[None]  # (k, j, i) = (1, 24, 26): SimpleITK size (26, 24, 1)
+    fixed, moving = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(fixed))
+    sitk.WriteImage(sitk.GetImageFromArray(np.roll(array, 2, axis=2)), str(moving))
+    assert sitk.ReadImage(str(fixed)).GetSize() == (26, 24, 1)
+    args = ["register", "--fixed", str(fixed), "--moving", str(moving), "--out", str(tmp_path / "o"), *FAST]
+    assert main(args) == EXIT_INPUT
+    assert "single slice stored as a 3D image" in capsys.readouterr().err and not (tmp_path / "o").exists()
