@@ -425,12 +425,17 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             value = summary.get(key)
             return "n/a" if value is None else form.format(value)
 
+        ran = summary.get("iterations")
+        if isinstance(ran, list):  # per pyramid level, coarse to fine
+            iterations = f"{sum(ran)} ({' + '.join(map(str, ran))})" if len(ran) > 1 else str(sum(ran))
+        else:
+            iterations = "n/a" if ran is None else str(ran)
         lines = [
             f"Similarity ({summary.get('similarity', '?')}): {number('similarity_before')} before, "
             f"{number('similarity_after')} after",
             f"Folding (det J \u2264 0): {number('folding_percent', '{:.3f}')} % of voxels; "
             f"min det J {number('min_jacobian')}; SD log det J {number('sdlogj')}",
-            f"{number('iterations', '{}')} iterations in {number('seconds', '{:.1f}')} s on {summary.get('device', '?')}",
+            f"{iterations} iterations in {number('seconds', '{:.1f}')} s on {summary.get('device', '?')}",
         ]
         if workDirectory:
             lines.append(f"Files kept in {workDirectory}")

@@ -269,7 +269,7 @@ def markdown(results: dict) -> str:
             status = row.get("status", "")
             if row.get("error"):
                 status += f": {row['error'][:80]}"
-            cells = [row["method"] + (" (cached)" if row.get("cached") else ""), status]
+            cells = [method_label(row, block) + (" (cached)" if row.get("cached") else ""), status]
             cells += [_fmt(dice.get(k)) for k in shown_labels]
             tre = m.get("tre") or {}
             cells += [
@@ -334,7 +334,7 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
 
     fixed = sitk.GetArrayFromImage(_read(case_dir / "fixed.nii.gz")).astype(np.float64)
     labels = sitk.GetArrayFromImage(_read(case_dir / "fixed_labels.nii.gz"))
-    shown = [r for r in rows if r["method"] == "before" or r.get("status") == "ok"]
+    shown = [r for r in rows if r["method"] == "before" or (r.get("status") == "ok" and r.get("files"))]
     if not shown:
         return None
 
@@ -400,6 +400,13 @@ def dice_plot(case: str, rows: list[dict], path: Path) -> str | None:
 README_START, README_END = "<!-- benchmark-summary:start -->", "<!-- benchmark-summary:end -->"
 
 
+def method_label(row: dict, block: dict) -> str:
+    """The method's name, with the date of its run when it was kept from an earlier run (--merge)."""
+    run = row.get("run_date")
+    earlier = run and block.get("date") and run[:16] != str(block["date"])[:16]
+    return row["method"] + (f" (run {run[:10]})" if earlier else "")
+
+
 def summary_table(results: dict) -> str:
     """One row per case and method: mean Dice, HD95, folding, TRE, wall time, peak memory."""
     lines = [
@@ -411,10 +418,12 @@ def summary_table(results: dict) -> str:
             m = row.get("metrics") or {}
             status = row.get("status", "")
             if status != "ok":
-                lines.append(f"| {case} | {row['method']} | {status}: {(row.get('error') or '')[:40]} | | | | | |")
+                lines.append(
+                    f"| {case} | {method_label(row, block)} | {status}: {(row.get('error') or '')[:40]} | | | | | |"
+                )
                 continue
             lines.append(
-                f"| {case} | {row['method']} | {_fmt(m.get('dice_mean'))} | {_fmt(m.get('hd95_mean'), 2)} | "
+                f"| {case} | {method_label(row, block)} | {_fmt(m.get('dice_mean'))} | {_fmt(m.get('hd95_mean'), 2)} | "
                 f"{_fmt(m.get('folding_percent'), 4)} | {_fmt((m.get('tre') or {}).get('mean'), 2)} | "
                 f"{_fmt(row.get('wall_s'), 1)} | {_fmt(row.get('peak_rss_mib'), 0)} |"
             )
@@ -493,7 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json; run nothing")
     parser.add_argument("--out", default=str(BENCHMARK), help="folder for results.md/json/csv and QC figures")
     parser.add_argument(
-        "--merge", action="store_true", help="keep the other cases of an existing results.json in --out (rerun some)"
+        "--merge",
+        action="store_true",
+        help="keep the other cases of an existing results.json in --out, and in the cases rerun the rows of the "
+        "methods not rerun (each row keeps the date of its run)",
     )
     args = parser.parse_args(argv)
     report = Path(args.out)
@@ -532,11 +544,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": {},
     }
     previous = report / "results.json"
+    earlier_rows: dict[str, list[dict]] = {}
     if args.merge and previous.exists():
         earlier = json.loads(previous.read_text())
         results["cases"] = {case: block for case, block in earlier["cases"].items() if case not in cases}
         for block in results["cases"].values():
             block.setdefault("date", earlier.get("date"))
+        for case in cases:
+            block = earlier["cases"].get(case)
+            if block:
+                kept = [r for r in block["rows"] if r["method"] != "before" and r["method"] not in methods]
+                for row in kept:
+                    row.setdefault("run_date", block.get("date", earlier.get("date")))
+                    row["files"] = {}  # their files belong to the earlier run
+                earlier_rows[case] = kept
     for case in cases:
         case_dir = prepare(case, args.seed)
         info = json.loads((case_dir / "case.json").read_text())
@@ -551,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{case}] {method}: {row.get('status')} ({row.get('error')})", flush=True)
         started = time.perf_counter()
         for row in rows:
+            row.setdefault("run_date", results["date"])
             evaluate_row(row, case_dir, info)
             m = row.get("metrics")
             if m:
@@ -561,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
         print(f"[{case}] evaluated in {time.perf_counter() - started:.1f} s", flush=True)
+        rows += earlier_rows.get(case, [])
         figure = qc_figure(case, case_dir, rows, report / f"qc_{case}.png")
         dice_figure = dice_plot(case, rows, report / f"dice_{case}.png")
         results["cases"][case] = {

@@ -155,6 +155,27 @@ def check_memory(fixed_path: str, moving_path: str, settings: RegistrationSettin
     return needed
 
 
+def check_field_is_plausible(u: torch.Tensor, max_folding: float = 0.25) -> None:
+    """FloatingPointError (exit code 4) when the estimate ``u`` ``(1, ndim, *S)`` (voxels) is not a
+    registration but a numerical failure: a displacement longer than the whole grid, or more than
+    ``max_folding`` of the voxels folded (det J <= 0)."""
+    from .jacobian import folding_fraction, jacobian_determinant
+
+    with torch.no_grad():
+        longest = float(u.detach().pow(2).sum(1).sqrt().max())
+        extent = max(u.shape[2:])
+        if not np.isfinite(longest) or longest > extent:
+            raise FloatingPointError(
+                f"the estimated displacement reaches {longest:.3g} voxels, more than the whole {extent}-voxel grid: "
+                "the optimisation diverged"
+            )
+        folded = folding_fraction(jacobian_determinant(u.detach().double()))
+        if folded > max_folding:
+            raise FloatingPointError(
+                f"the estimated field folds {100 * folded:.1f} % of the voxels (det J <= 0): the optimisation diverged"
+            )
+
+
 def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
@@ -262,10 +283,19 @@ def register(
     opt = settings.optimization
 
     before = _measure(opt, fixed_t, moving_t, mask_t)
+    ran: dict[str, int] = {}  # stage -> iterations it ran (what the schedule became, early stops included)
+
+    def record(event: dict) -> None:
+        if event.get("event") == "progress":
+            ran[event["stage"]] = max(ran.get(event["stage"], 0), int(event["iteration"]))
+        if callback is not None:
+            callback(event)
+
     with out_of_memory_as_device_error(
         device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
     ):
-        u = _estimate_field(settings, fixed_t, moving_t, mask_t, callback)
+        u = _estimate_field(settings, fixed_t, moving_t, mask_t, record)
+        check_field_is_plausible(u)
         # zeros outside and the same interpolation, as in warped.nii.gz
         interpolation = SimilarityInterpolation(opt.interpolation).value
         after = _measure(opt, fixed_t, warp(moving_t, u, interpolation, padding="zeros"), mask_t)
@@ -292,8 +322,9 @@ def register(
         "regularizer": str(getattr(opt.regularizer, "value", opt.regularizer)),
         "weight": opt.weight,
         "jacobian_weight": opt.jacobian_weight,
-        "levels": opt.levels,
-        "iterations": _iterations_run(settings),
+        "levels": len(ran),
+        "iterations": list(ran.values()),
+        "iterations_requested": _iterations_run(settings),
         "device": describe_device(device),
         "seed": settings.seed,
         "affine": settings.affine,

@@ -131,7 +131,8 @@ def test_register_summary_json(cli_run):
     summary = json.loads((cli_run["out"] / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["mode"] == "instance" and summary["similarity"] == "lncc" and summary["regularizer"] == "diffusion"
-    assert summary["iterations"] == 4 and summary["levels"] == 1 and summary["seed"] == 0
+    assert summary["iterations"] == [4] and summary["levels"] == 1 and summary["seed"] == 0
+    assert summary["iterations_requested"] == 4
     assert summary["device"].startswith("cpu")
     assert summary["files"] == {k: v for k, v in OUTPUT_FILES.items()}
     assert 0.0 <= summary["folding_fraction"] <= 1.0
@@ -685,3 +686,43 @@ def test_a_single_slice_stored_as_3d_is_refused_clearly(tmp_path, synth, capsys)
     args = ["register", "--fixed", str(fixed), "--moving", str(moving), "--out", str(tmp_path / "o"), *FAST]
     assert main(args) == EXIT_INPUT
     assert "single slice stored as a 3D image" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
+
+
+def _sample_args(out, *extra):
+    images = ["--fixed", str(SAMPLE / "fixed.nii.gz"), "--moving", str(SAMPLE / "moving.nii.gz")]
+    return [
+        "register",
+        *images,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--no-qc",
+        "--progress",
+        "none",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, levels, ran",
+    [
+        (["--iterations", "1,2"], 3, [1, 1, 2]),  # padded at the coarse end
+        (["--levels", "3", "--iterations", "3,3,2,2"], 3, [3, 2, 2]),  # the last three
+        (["--levels", "2", "--iterations", "2"], 2, [2, 2]),
+    ],
+)
+def test_summary_records_the_schedule_that_ran(tmp_path, extra, levels, ran):
+    assert main(_sample_args(tmp_path / "o", "--mode", "instance", *extra)) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["levels"] == levels and summary["iterations"] == ran
+
+
+def test_a_diverged_optimisation_is_a_numerical_failure(tmp_path, capsys):
+    code = main(_sample_args(tmp_path / "o", "--mode", "instance", "--learning-rate", "1e6", "--iterations", "3"))
+    assert code == 4 and "diverged" in capsys.readouterr().err and not (tmp_path / "o").exists()

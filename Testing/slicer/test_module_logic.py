@@ -121,13 +121,14 @@ def test_logic_settings_presets_and_summary_text(module):
             "folding_percent": 0.0123,
             "min_jacobian": 0.2,
             "sdlogj": 0.05,
-            "iterations": 100,
+            "iterations": [100, 60, 30],
             "seconds": 12.3,
             "device": "cpu",
         },
         "/tmp/kept",
     )
     assert "-0.2 before, -0.6 after" in text and "0.012 %" in text and "/tmp/kept" in text
+    assert "190 (100 + 60 + 30) iterations in 12.3 s" in text
     assert "n/a" in logic.formatSummary({})
 
 
