@@ -116,7 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='label names: JSON {"1": "GM"}, text lines "1 GM", or a colour table "1 GM r g b a"',
     )
     parser.add_argument(
-        "--mask", nargs="+", metavar="FILE", help="region for folding, det J and TRE (one, or one per subject)"
+        "--mask",
+        nargs="+",
+        metavar="FILE",
+        help="region for folding, det J and TRE (one, or one per subject; default: the fixed labels > 0)",
     )
     parser.add_argument("--no-surface-distance", action="store_true", help="skip HD95/ASSD (the slowest metrics)")
     parser.add_argument("--out", metavar="DIR", help="output folder for evaluation.csv/.json and dice_boxplot.png")
@@ -380,18 +383,33 @@ def _evaluate_pair(method: Method, index: int, subject: str, fixed, fixed_path: 
     left_out = label_set_difference(fixed, warped)
     field_path = method.displacements[index]
     displacement = im.read_displacement(field_path) if field_path else None
+    if displacement is not None:
+        from .evaluate import _describe_grid, _same_grid
+
+        if displacement.GetDimension() != fixed.GetDimension() or not _same_grid(fixed, displacement):
+            raise InputError(
+                f"displacement field {field_path} ({context}) is not on the grid of the fixed labels {fixed_path}: "
+                f"{displacement.GetDimension()}D {_describe_grid(displacement)} vs {fixed.GetDimension()}D "
+                f"{_describe_grid(fixed)}; the field must live on the fixed grid"
+            )
+    import SimpleITK as sitk
+
+    # field metrics (folding, det J, TRE) over the fixed mask, or by default the labelled region
+    region = options["mask"] if options["mask"] is not None else sitk.GetArrayFromImage(fixed) > 0
     try:
         metrics = evaluate_registration(
             fixed,
             warped,
             field=displacement,
             true_field=options["true_field"],
-            mask=options["mask"] if displacement is not None else None,
+            mask=region if displacement is not None else None,
             surface_distance=options["surface_distance"],
         )
     except InputError as error:
         raise InputError(f"{context} ({warped_path}): {error}") from None
     metrics.pop("label_names", None)
+    if displacement is not None:
+        metrics["region"] = f"mask {options['mask_path']}" if options["mask"] is not None else "fixed labels > 0"
     return {
         "method": method.name,
         "subject": subject,
@@ -405,6 +423,19 @@ def _evaluate_pair(method: Method, index: int, subject: str, fixed, fixed_path: 
         "labels_left_out": left_out,
         **metrics,
     }
+
+
+def _tre_before(fixed, true_field, mask, mask_path) -> dict:
+    """TRE of no registration (the true field's own length) over the region the methods are scored on."""
+    import SimpleITK as sitk
+
+    from .evaluate import target_registration_error
+
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, fixed.GetDimension())
+    zero.CopyInformation(fixed)
+    region = mask if mask is not None else sitk.GetArrayFromImage(fixed) > 0
+    tre = target_registration_error(zero, true_field, region)
+    return {**tre, "region": f"mask {mask_path}" if mask is not None else "fixed labels > 0"}
 
 
 def _finite(values) -> list[float]:
@@ -653,6 +684,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     scored = {}  # (method, subject index) -> metrics; each fixed label map is read once
+    before = {}  # subject -> TRE of no registration (with a true field)
     for index, (subject, fixed_path) in enumerate(zip(subjects, args.fixed_labels)):
         fixed = _read_labels(fixed_path, "fixed labels")
         mask = im.read_image(mask_paths[index], "mask", allow_constant=True) if mask_paths[index] else None
@@ -666,6 +698,13 @@ def run(args: argparse.Namespace) -> int:
         }
         for number, method in enumerate(methods):
             scored[number, index] = _evaluate_pair(method, index, subject, fixed, fixed_path, options)
+        if true_field is not None:
+            before[subject] = _tre_before(fixed, true_field, mask, mask_paths[index])
+            print(
+                f"cnnreg evaluate: before registration (u = 0), subject {subject}: TRE mean "
+                f"{before[subject]['mean']:.3f} mm over {before[subject]['region']}",
+                file=sys.stderr,
+            )
     results = [scored[number, index] for number in range(len(methods)) for index in range(count)]
 
     for r in results:
@@ -700,6 +739,7 @@ def run(args: argparse.Namespace) -> int:
                 "label_names": {label: names[label] for label in labels if label in names},
                 "units": {"hd95": "mm", "assd": "mm", "tre": "mm", "folding_percent": "% of voxels"},
                 "results": results,
+                "before_registration": before,
                 "mean_over_subjects": summary,
             },
             paths["json"],

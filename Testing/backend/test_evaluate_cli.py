@@ -295,3 +295,33 @@ def test_jacobian_statistics_match_torch_sdlogj_and_evaluate_registration():
     assert metrics["min_jacobian"] == stats["min_jacobian"] and metrics["max_jacobian"] == stats["max_jacobian"]
     no_field = evaluate_registration(sitk.GetImageFromArray(FIXED), sitk.GetImageFromArray(WARPED))
     assert no_field["sdlogj"] is None and no_field["min_jacobian"] is None
+
+
+def test_a_field_off_the_fixed_grid_or_of_another_dimension_is_refused(case, capsys):
+    tmp_path, fixed, warped, _ = case
+    field_2d = write(tmp_path / "in" / "field2d.nii.gz", np.zeros((10, 10, 2)), spacing=SPACING[:2], vector=True)
+    args = ["evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--displacement", field_2d]
+    assert main(args) == EXIT_INPUT
+    assert "is not on the grid of the fixed labels" in capsys.readouterr().err
+    small = write(tmp_path / "in" / "small.nii.gz", np.zeros((8, 10, 10, 3)), vector=True)
+    assert main(["evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--displacement", small]) == EXIT_INPUT
+
+
+def test_tre_defaults_to_the_labelled_region_and_reports_no_registration(case, capsys):
+    tmp_path, fixed, warped, _ = case
+    inside = FIXED > 0
+    truth = np.zeros((*SHAPE, 3))
+    truth[..., 0] = 1.0  # 1 mm everywhere ...
+    truth[~inside, 0] = 5.0  # ... and 5 mm outside the labels
+    true_field = write(tmp_path / "in" / "true.nii.gz", truth, vector=True)
+    estimate = write(tmp_path / "in" / "estimate.nii.gz", np.where(inside[..., None], truth, 0.0), vector=True)
+    out = tmp_path / "tre"
+    args = ["evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--displacement", estimate]
+    assert main([*args, "--true-displacement", true_field, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "before registration (u = 0)" in err and "TRE mean 1.000 mm over fixed labels > 0" in err
+    report = json.loads((out / "evaluation.json").read_text())
+    result = report["results"][0]
+    assert result["tre"]["mean"] == pytest.approx(0.0) and result["tre"]["voxels"] == int(inside.sum())
+    assert result["region"] == "fixed labels > 0"
+    assert report["before_registration"]["fixed_labels"]["mean"] == pytest.approx(1.0)
