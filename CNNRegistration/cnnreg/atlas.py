@@ -520,7 +520,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep-fields", action="store_true", help="also write each subject's displacement to the final template"
     )
     add_method_arguments(parser)
-    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "jsonl", "bar", "none"],
+        help="JSON lines on standard output and/or a bar on standard error",
+    )
 
 
 def _bar_event(event: dict) -> dict | None:

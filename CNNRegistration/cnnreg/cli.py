@@ -79,7 +79,7 @@ def _iterations(text: str) -> list[int] | int:
     return values[0] if len(values) == 1 else values
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends ``(default: X)`` to an option's help unless the help already names its default or
     there is none to name (None, False, a required option)."""
 
@@ -330,9 +330,14 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--displacement", required=True, help="ITK displacement field (e.g. displacement.nii.gz)")
     parser.add_argument("--image", required=True, help="image to warp (intensity image or label map)")
     parser.add_argument("--reference", help="output grid (default: the displacement field's grid)")
-    parser.add_argument("--interpolation", default=Interpolation.LINEAR.value, choices=choices(Interpolation))
+    parser.add_argument(
+        "--interpolation",
+        default=Interpolation.LINEAR.value,
+        choices=choices(Interpolation),
+        help="nearest for label maps and masks; linear or cubic (B-spline) for intensity images",
+    )
     parser.add_argument("--out", required=True, help="output image file")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _run_apply(args: argparse.Namespace) -> int:
@@ -375,7 +380,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     )
     _add_register_arguments(register_parser)
     runners["register"] = _run_register
-    apply_parser = commands.add_parser("apply", help="warp an image with an exported displacement field")
+    apply_parser = commands.add_parser(
+        "apply", help="warp an image with an exported displacement field", formatter_class=DefaultsHelpFormatter
+    )
     _add_apply_arguments(apply_parser)
     runners["apply"] = _run_apply
     for name, module_name in PLUGIN_COMMANDS.items():
@@ -387,6 +394,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             raise
         sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(sub)
+        sub.formatter_class = DefaultsHelpFormatter  # every default shown (descriptions kept as written)
         runners[name] = module.run
     return parser, runners
 

@@ -868,31 +868,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", nargs="?", const="auto", help="continue from <stem>.last.pt (or the given checkpoint)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
-    parser.add_argument("--architecture", choices=["faim", "voxelmorph"])
-    parser.add_argument("--diffeomorphic", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--architecture", choices=["faim", "voxelmorph"], help="network family")
+    parser.add_argument(
+        "--diffeomorphic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the network outputs a velocity field, integrated by scaling and squaring",
+    )
     parser.add_argument("--working-shape", type=_shape, help="e.g. 64,64,64 (3D) or 128,128 (2D)")
-    parser.add_argument("--normalization", choices=choices(Normalization))
-    parser.add_argument("--similarity", choices=choices(Similarity))
-    parser.add_argument("--window", type=int)
-    parser.add_argument("--regularizer", choices=choices(Regularizer))
+    parser.add_argument("--normalization", choices=choices(Normalization), help="intensity normalisation")
+    parser.add_argument("--similarity", choices=choices(Similarity), help="similarity measure")
+    parser.add_argument("--window", type=int, help="LNCC window, voxels (odd)")
+    parser.add_argument("--regularizer", choices=choices(Regularizer), help="field regularizer")
     parser.add_argument("--weight", type=float, help="regularizer weight")
-    parser.add_argument("--jacobian-weight", type=float)
-    parser.add_argument("--dice-weight", type=float)
+    parser.add_argument("--jacobian-weight", type=float, help="weight of the negative-Jacobian (folding) penalty")
+    parser.add_argument("--dice-weight", type=float, help="weight of 1 - soft Dice of the label maps (needs --labels)")
     parser.add_argument(
         "--cycle", action=argparse.BooleanOptionalAction, default=None, help="cycle-consistent training"
     )
     parser.add_argument(
         "--refine", action=argparse.BooleanOptionalAction, default=None, help="alternating refinement module"
     )
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--epochs", type=int, help="epochs (a checkpoint and a validation after each)")
+    parser.add_argument("--steps-per-epoch", type=int, help="training steps per epoch")
     parser.add_argument("--batch-size", type=int, help="pairs per step and process")
-    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
     parser.add_argument("--val-count", type=int, help="training images held out for validation")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (per process)")
-    parser.add_argument("--progress", default="auto", choices=["auto", "jsonl", "bar", "none"])
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "jsonl", "bar", "none"],
+        help="JSON lines on standard output and/or a bar on standard error",
+    )
+    defaults = TrainSettings()
+    for action in parser._actions:  # the flags that override a setting show the setting's own default
+        if action.dest in _FLAG_SETTINGS and action.default is None:
+            value = getattr(defaults, action.dest)
+            shown = "x".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            if action.dest == "working_shape":
+                shown = " or ".join("x".join(map(str, v)) for v in DEFAULT_WORKING_SHAPE.values())
+            action.help = f"{action.help} (default: {shown}, unless the --config file sets it)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -726,3 +726,24 @@ def test_summary_records_the_schedule_that_ran(tmp_path, extra, levels, ran):
 def test_a_diverged_optimisation_is_a_numerical_failure(tmp_path, capsys):
     code = main(_sample_args(tmp_path / "o", "--mode", "instance", "--learning-rate", "1e6", "--iterations", "3"))
     assert code == 4 and "diverged" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    import argparse
+
+    from cnnreg.cli import DefaultsHelpFormatter, build_parser
+
+    parser, _ = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"register", "apply", "evaluate", "atlas", "train"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help line"
+            meaningful = action.default is not None and action.default is not False and not action.required
+            if meaningful and action.option_strings:
+                line = DefaultsHelpFormatter("cnnreg")._get_help_string(action)
+                assert "default" in line, f"{name} {action.option_strings}: default {action.default!r} not shown"
+        assert "%(default)" not in text
