@@ -31,17 +31,37 @@ def _aspects(image: sitk.Image) -> list[float]:
     return [spacing[1] / spacing[2], spacing[0] / spacing[2], spacing[0] / spacing[1]]
 
 
+#: colour of folded voxels (det J <= 0): not in the det J colour map, so a fold cannot be read
+#: as strong expansion or contraction
+FOLD_COLOUR = "lime"
+
+
+def _slice_names(shape: tuple[int, ...]) -> list[str]:
+    if len(shape) == 2:
+        return ["2D image"]
+    k, j, i = (n // 2 for n in shape)
+    return [f"k = {k} (array axis 0)", f"j = {j} (array axis 1)", f"i = {i} (array axis 2)"]
+
+
 def qc_figure(
-    fixed: sitk.Image, moving_on_fixed: sitk.Image, warped: sitk.Image, jacobian: sitk.Image, path: str
+    fixed: sitk.Image,
+    moving_on_fixed: sitk.Image,
+    warped: sitk.Image,
+    jacobian: sitk.Image,
+    path: str,
+    summary: dict | None = None,
 ) -> None:
-    """Write a PNG grid: one row per orthogonal slice, columns fixed, moving (on the fixed grid,
-    before registration), warped, checkerboard fixed|warped, det J (blue-white-red centred
-    on 1; voxels with det J <= 0 painted pure red)."""
+    """Write a PNG grid: one row per orthogonal slice (named by its array axis and index, first
+    remaining axis up), columns fixed, moving (on the fixed grid, before registration), warped,
+    checkerboard fixed|warped (tile borders drawn), det J (purple = contraction, orange =
+    expansion, white = 1; folds, det J <= 0, in :data:`FOLD_COLOUR` with a legend).  ``summary``
+    (the run's) puts the similarity before/after and the folding in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+    from matplotlib.patches import Patch
 
     def scaled(image: sitk.Image) -> np.ndarray:
         array = to_array(sitk.Cast(image, sitk.sitkFloat32))
@@ -52,24 +72,43 @@ def qc_figure(
     det = to_array(jacobian)
     rows = list(zip(*[_slices(v) for v in volumes], _slices(det)))
     aspects = _aspects(fixed)
-    titles = ["fixed", "moving", "warped", "checkerboard", "det J (folds red)"]
-    figure, axes = plt.subplots(len(rows), 5, figsize=(15, 3.2 * len(rows)), squeeze=False)
-    span = max(float(np.abs(det - 1).max()), 1e-3)
+    names = _slice_names(det.shape)
+    titles = ["fixed", "moving (before)", "warped (after)", "checkerboard fixed | warped", "det J"]
+    figure, axes = plt.subplots(len(rows), 5, figsize=(16, 3.3 * len(rows) + 0.8), squeeze=False)
+    span = min(max(float(np.abs(det - 1).max()), 1e-3), 1.0)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
-    for row, ((f, m, w, d), aspect) in enumerate(zip(rows, aspects)):
-        panels = [f, m, w, checkerboard(f, w)]
-        for column, panel in enumerate(panels):
+    fold_map = ListedColormap([FOLD_COLOUR])
+    tiles = 8
+    for row, ((f, m, w, d), aspect, name) in enumerate(zip(rows, aspects, names)):
+        for column, panel in enumerate([f, m, w, checkerboard(f, w, tiles)]):
             axes[row, column].imshow(panel, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-        shown = axes[row, 4].imshow(d, cmap="bwr", norm=norm, aspect=aspect, interpolation="nearest")
-        folds = np.ma.masked_where(d > 0, np.ones_like(d))
-        axes[row, 4].imshow(folds, cmap="autumn", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        for position in np.arange(1, tiles) / tiles:  # tile borders of the checkerboard
+            axes[row, 3].axhline(position * f.shape[0] - 0.5, color="gold", linewidth=0.6, alpha=0.7)
+            axes[row, 3].axvline(position * f.shape[1] - 0.5, color="gold", linewidth=0.6, alpha=0.7)
+        shown = axes[row, 4].imshow(d, cmap="PuOr_r", norm=norm, aspect=aspect, interpolation="nearest")
+        folds = np.ma.masked_where(d > 0, np.zeros_like(d))
+        axes[row, 4].imshow(folds, cmap=fold_map, aspect=aspect, interpolation="nearest")
+        axes[row, 0].set_ylabel(name, fontsize=9)
         for column in range(5):
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
-                axes[row, column].set_title(titles[column])
-    figure.colorbar(shown, ax=axes[:, 4].tolist(), shrink=0.8)
+                axes[row, column].set_title(titles[column], fontsize=10)
+    bar = figure.colorbar(shown, ax=axes[:, 4].tolist(), shrink=0.8)
+    bar.set_label("det J (1 = volume kept; < 1 contraction, > 1 expansion)")
     folded = 100.0 * float(np.mean(det <= 0))
-    figure.suptitle(f"det J: min {det.min():.3f}, folding {folded:.4f} %")
+    figure.legend(
+        handles=[Patch(color=FOLD_COLOUR, label=f"fold: det J <= 0 ({folded:.4f} % of voxels)")],
+        loc="lower right",
+        fontsize=9,
+        frameon=False,
+    )
+    title = f"det J: min {det.min():.3f}, folding {folded:.4f} %"
+    if summary and summary.get("similarity_before") is not None:
+        title = (
+            f"{summary.get('mode', '')} registration, {summary.get('similarity', 'similarity')}: "
+            f"{summary['similarity_before']:.4f} before -> {summary['similarity_after']:.4f} after; " + title
+        )
+    figure.suptitle(title, fontsize=11)
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -391,6 +391,7 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
                     result.warped,
                     result.jacobian,
                     os.path.join(stage, OUTPUT_FILES["qc"]),
+                    summary=summary,
                 )
                 names["qc"] = OUTPUT_FILES["qc"]
             except Exception as error:  # noqa: BLE001 - the picture must never cost the results
