@@ -31,9 +31,7 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -431,33 +429,37 @@ def output_paths(out_dir: str | os.PathLike) -> dict[str, str]:
 def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, str]:
     """Write the atlas into ``out_dir``; returns name -> path.
 
-    Everything is first written into a temporary folder next to ``out_dir`` and moved in at
-    the end, so a failure leaves ``out_dir`` as it was; earlier atlas outputs of the same
-    names (including the whole ``probabilities``/``fields`` folders) are replaced.
+    Everything is written into a new folder beside ``out_dir``, each image read back and
+    compared, and that folder then replaces ``out_dir`` (:func:`cnnreg.outputs.staged_folder`):
+    a failure leaves ``out_dir`` as it was, and afterwards it holds exactly this atlas.
     """
+    from .outputs import staged_folder, verify_image_file, write_verified_text
+
     paths = output_paths(out_dir)
     out_dir = os.path.dirname(paths["template"])
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".cnnreg-atlas-", dir=parent)
-    try:
+
+    def write(image, path: str) -> None:
+        im.write_image(image, path)
+        verify_image_file(path, image)
+
+    with staged_folder(out_dir) as staging:
         stage = output_paths(staging)
         written = {"template": paths["template"]}
-        im.write_image(result.template, stage["template"])
+        write(result.template, stage["template"])
         if result.probabilities:
             os.makedirs(stage["probabilities"])
             for value, image in result.probabilities.items():
-                im.write_image(image, os.path.join(stage["probabilities"], f"label_{value}.nii.gz"))
+                write(image, os.path.join(stage["probabilities"], f"label_{value}.nii.gz"))
             written["probabilities"] = paths["probabilities"]
         if result.winning_labels is not None:
-            im.write_image(result.winning_labels, stage["winning_labels"])
+            write(result.winning_labels, stage["winning_labels"])
             written["winning_labels"] = paths["winning_labels"]
         field_files = {}
         if result.displacements:
             os.makedirs(stage["fields"])
             for number, (field, name) in enumerate(zip(result.displacements, result.summary["subjects"]), start=1):
                 file_name = f"subject_{number:03d}.nii.gz"
-                im.write_image(field, os.path.join(stage["fields"], file_name))
+                write(field, os.path.join(stage["fields"], file_name))
                 field_files[file_name] = name
             written["fields"] = paths["fields"]
         summary = {
@@ -471,20 +473,8 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
             }
         if field_files:
             summary["field_files"] = {f"{ATLAS_FILES['fields']}/{k}": v for k, v in field_files.items()}
-        with open(stage["summary"], "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2, default=str)
+        write_verified_text(stage["summary"], json.dumps(summary, indent=2, default=str))
         written["summary"] = paths["summary"]
-
-        os.makedirs(out_dir, exist_ok=True)
-        for key in ATLAS_FILES:  # replace earlier atlas outputs, keep anything else
-            if os.path.isdir(paths[key]) and not os.path.islink(paths[key]):
-                shutil.rmtree(paths[key])
-            elif os.path.lexists(paths[key]):
-                os.remove(paths[key])
-            if os.path.lexists(stage[key]):
-                os.replace(stage[key], paths[key])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 

@@ -646,7 +646,6 @@ def dice_boxplot(
 def run(args: argparse.Namespace) -> int:
     """``cnnreg evaluate``: check everything, score every (method, subject), print, write."""
     from . import image as im
-    from .evaluate import evaluation_table, write_json
 
     subjects = _subject_names(args)
     count = len(subjects)
@@ -726,24 +725,34 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, summary, labels, names))
 
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
+        from .outputs import staged_folder
+
+        with staged_folder(out_dir) as stage:  # all files or none; --overwrite leaves exactly these
+            _write_outputs(stage, results, summary, before, subjects, methods, labels, names, method_names)
         paths = {key: os.path.join(out_dir, name) for key, name in OUTPUT_FILES.items()}
-        evaluation_table(csv_rows(results, labels, names), csv_path=paths["csv"])
-        write_json(
-            {
-                "subjects": subjects,
-                "methods": [
-                    {"name": m.name, "warped_labels": m.warped_labels, "displacement": m.displacements} for m in methods
-                ],
-                "labels": labels,
-                "label_names": {label: names[label] for label in labels if label in names},
-                "units": {"hd95": "mm", "assd": "mm", "tre": "mm", "folding_percent": "% of voxels"},
-                "results": results,
-                "before_registration": before,
-                "mean_over_subjects": summary,
-            },
-            paths["json"],
-        )
-        dice_boxplot(results, method_names, labels, names, paths["boxplot"])
         print(f"cnnreg evaluate: wrote {', '.join(paths.values())}", file=sys.stderr)
     return 0
+
+
+def _write_outputs(folder, results, summary, before, subjects, methods, labels, names, method_names) -> None:
+    """evaluation.csv, evaluation.json and dice_boxplot.png into ``folder``."""
+    from .evaluate import evaluation_table, write_json
+
+    paths = {key: os.path.join(folder, name) for key, name in OUTPUT_FILES.items()}
+    evaluation_table(csv_rows(results, labels, names), csv_path=paths["csv"])
+    write_json(
+        {
+            "subjects": subjects,
+            "methods": [
+                {"name": m.name, "warped_labels": m.warped_labels, "displacement": m.displacements} for m in methods
+            ],
+            "labels": labels,
+            "label_names": {label: names[label] for label in labels if label in names},
+            "units": {"hd95": "mm", "assd": "mm", "tre": "mm", "folding_percent": "% of voxels"},
+            "results": results,
+            "before_registration": before,
+            "mean_over_subjects": summary,
+        },
+        paths["json"],
+    )
+    dice_boxplot(results, method_names, labels, names, paths["boxplot"])

@@ -77,7 +77,7 @@ def staged_folder(out_dir: str | os.PathLike) -> Iterator[str]:
     """Yield a new empty folder beside ``out_dir``; when the block ends without an exception, it
     replaces ``out_dir`` (an existing folder is moved aside first and removed after the swap; it is
     restored if the swap fails).  On an exception (including KeyboardInterrupt) the new folder is
-    removed and ``out_dir`` is left as it was."""
+    removed and ``out_dir`` is left as it was; an OSError (full disk, I/O) becomes a WriteError."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -97,6 +97,9 @@ def staged_folder(out_dir: str | os.PathLike) -> Iterator[str]:
             raise
         if old is not None:
             _remove(old)
+    except OSError as error:  # a full disk, a quota, an I/O error while writing: exit code 3
+        _remove(stage)
+        raise WriteError(f"writing the results into {out_dir} failed: {error.strerror or error}") from error
     except BaseException:
         _remove(stage)
         raise

@@ -325,3 +325,23 @@ def test_tre_defaults_to_the_labelled_region_and_reports_no_registration(case, c
     assert result["tre"]["mean"] == pytest.approx(0.0) and result["tre"]["voxels"] == int(inside.sum())
     assert result["region"] == "fixed labels > 0"
     assert report["before_registration"]["fixed_labels"]["mean"] == pytest.approx(1.0)
+
+
+def test_evaluate_overwrite_leaves_exactly_its_outputs_and_a_failure_leaves_the_old_ones(case, capsys, monkeypatch):
+    tmp_path, fixed, warped, field = case
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "stale.csv").write_text("an earlier report")
+    args = ["evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--out", str(out), "--overwrite"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dice_boxplot.png", "evaluation.csv", "evaluation.json"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import cnnreg.evaluate_cli as evaluate_cli
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_cli, "dice_boxplot", broken)
+    assert main(args) == 3 and "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
