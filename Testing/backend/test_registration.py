@@ -397,7 +397,7 @@ def _run(pair, mode, **optimization):
 @pytest.fixture(scope="module")
 def phantom_run(mni_pair):
     # a slim U-Net on a 32^3 working grid (pyramid 16^3, 32^3) keeps this to seconds on 2 threads
-    return _run(mni_pair, "phantom", iterations=(40, 30, 20), features=8, max_cnn_voxels=32**3)
+    return _run(mni_pair, "phantom", iterations=(80, 60, 40), max_cnn_voxels=32**3)
 
 
 @pytest.fixture(scope="module")
@@ -693,3 +693,44 @@ def test_pyramid_and_capped_shapes():
     assert settings.iterations_per_level(2) == [30, 20]
     assert settings.iterations_per_level(4) == [40, 40, 30, 20]
     assert OptimizationSettings(iterations=7).iterations_per_level(3) == [7, 7, 7]
+
+
+def test_a_level_change_keeps_the_phantom_field(mni_pair):
+    """The phantom CNN starts each level exactly from the previous level's field: the first loss
+    of level 2 is the loss of level 1's final field (upsampled) on level 2's grid, and level 2
+    then lowers it."""
+    from cnnreg.optimize import CNNField, _loss_terms, moving_sampler, phantom_network, run_pyramid
+    from cnnreg.spatial import resize_field, resize_image
+
+    fixed = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["fixed"]))[None, None].float()
+    moving = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["moving"]))[None, None].float()
+    fixed, moving = fixed / fixed.max(), moving / moving.max()
+    settings = OptimizationSettings(iterations=(25, 15), patience=10**6)
+    shapes = [(20, 20, 20), (40, 40, 40)]
+
+    def run(levels):
+        schedule = OptimizationSettings(iterations=settings.iterations[: len(levels)], patience=10**6)
+        torch.manual_seed(0)
+        network = phantom_network(3, 8)
+        losses = []
+        u = run_pyramid(
+            fixed,
+            moving,
+            lambda base: CNNField(network, base, 1.0),
+            schedule,
+            levels,
+            callback=lambda e: losses.append((e["stage"], e["loss"])),
+            learning_rate=CNNField.default_learning_rate,
+        )
+        return u, losses
+
+    u_coarse, _ = run(shapes[:1])  # level 1 alone: the same seed gives the same first level
+    _, losses = run(shapes)
+    level2 = [loss for stage, loss in losses if stage == "level 2/2"]
+    with torch.no_grad():
+        fine_fixed, fine_moving = resize_image(fixed, shapes[1]), resize_image(moving, shapes[1])
+        handed_over, _, _ = _loss_terms(
+            settings, fine_fixed, moving_sampler(settings, fine_moving), resize_field(u_coarse, shapes[1]), None
+        )
+    assert level2[0] == pytest.approx(float(handed_over), abs=1e-5)
+    assert min(level2) < level2[0] - 1e-3
