@@ -542,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
     from .cli import ProgressReporter, set_threads, settings_from_args
     from .dataset import expand_paths
     from .device import describe_device, resolve_device
-    from .registration import check_output_folder
+    from .registration import check_memory, check_output_folder
 
     image_paths = expand_paths(args.images)
     label_paths = expand_paths(args.labels) if args.labels else None
@@ -555,8 +555,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.atlas_iterations < 1:
         raise InputError(f"--atlas-iterations must be >= 1, got {args.atlas_iterations}")
-    out_dir = check_output_folder(args.out, args.overwrite)
     inputs = [*image_paths, *(label_paths or []), args.reference, args.initial]
+    # the outputs replace the whole folder: an input inside it is refused
+    out_dir = check_output_folder(args.out, args.overwrite, [p for p in inputs if p])
     outputs = output_paths(out_dir)
     for path in filter(None, inputs):
         path = os.path.abspath(path)
@@ -565,6 +566,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.validate()
     set_threads(args)
+    reference_path = args.reference or image_paths[0]
+    for path in image_paths:  # from the headers, before anything large is read
+        check_memory(reference_path, path, settings)
 
     json_report = ProgressReporter("jsonl" if args.progress in ("auto", "jsonl") else "none")
     show_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())

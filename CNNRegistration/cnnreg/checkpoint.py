@@ -24,6 +24,7 @@ problem raises :class:`cnnreg.errors.InputError` with a message naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -138,9 +139,16 @@ def save_checkpoint(path: str | os.PathLike, network: nn.Module, extra: Mapping 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = path + ".tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-    return write_sidecar(path)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+        return write_sidecar(path)
+    except OSError as error:  # full disk, quota, I/O: the previous checkpoint (if any) stays intact
+        from .outputs import WriteError
+
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise WriteError(f"writing the checkpoint {path} failed: {error.strerror or error}") from error
 
 
 def _recorded_hashes(path: str) -> dict[str, str]:

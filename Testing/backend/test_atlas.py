@@ -245,3 +245,15 @@ def test_atlas_help_lists_the_method_options(capsys):
     text = capsys.readouterr().out
     for option in ("--images", "--labels", "--atlas-iterations", "--reference", "--keep-fields", "--mode", "--weight"):
         assert option in text
+
+
+def test_atlas_refuses_an_input_inside_the_output_folder(files, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "atlas_with_input"
+    out.mkdir()
+    inside = out / "subject.nii.gz"
+    shutil.copyfile(files["images"][0], inside)
+    code = main(_atlas(files, out, "--images", str(inside), *files["images"][1:], "--overwrite"))
+    assert code == EXIT_INPUT and "inside the output folder" in capsys.readouterr().err
+    assert inside.exists()

@@ -351,3 +351,23 @@ def test_the_weights_recipe_settings_are_valid():
             settings.validate(ndim)
             assert len(settings.shape_for(ndim)) == ndim
         assert recipe["file"].endswith(".pt")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_write_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from cnnreg.checkpoint import save_checkpoint
+    from cnnreg.outputs import WriteError
+
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, FAIMNet(2), {"working_shape": (32, 32)})
+    before = path.read_bytes()
+
+    def full_disk(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_checkpoint(path, FAIMNet(2), {"working_shape": (32, 32)})
+    assert path.read_bytes() == before and not (tmp_path / "model.pt.tmp").exists()
+    assert issubclass(WriteError, cli.DeviceError)  # the command line exits with 3
