@@ -433,15 +433,11 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
     compared, and that folder then replaces ``out_dir`` (:func:`cnnreg.outputs.staged_folder`):
     a failure leaves ``out_dir`` as it was, and afterwards it holds exactly this atlas.
     """
-    from .outputs import staged_folder, verify_image_file, write_verified_text
+    from .outputs import staged_folder, write_verified_image, write_verified_text
 
     paths = output_paths(out_dir)
     out_dir = os.path.dirname(paths["template"])
-
-    def write(image, path: str) -> None:
-        im.write_image(image, path)
-        verify_image_file(path, image)
-
+    write = write_verified_image
     with staged_folder(out_dir) as staging:
         stage = output_paths(staging)
         written = {"template": paths["template"]}
@@ -484,7 +480,7 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_method_arguments
+    from .cli import add_method_arguments, add_progress_argument
 
     parser.add_argument(
         "--images",
@@ -510,12 +506,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep-fields", action="store_true", help="also write each subject's displacement to the final template"
     )
     add_method_arguments(parser)
-    parser.add_argument(
-        "--progress",
-        default="auto",
-        choices=["auto", "jsonl", "bar", "none"],
-        help="JSON lines on standard output and/or a bar on standard error",
-    )
+    add_progress_argument(parser)
 
 
 def _bar_event(event: dict) -> dict | None:
@@ -566,9 +557,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.validate()
     set_threads(args)
-    reference_path = args.reference or image_paths[0]
+    reference_size = im.size_from_header(args.reference or image_paths[0], "reference image")
     for path in image_paths:  # from the headers, before anything large is read
-        check_memory(reference_path, path, settings)
+        check_memory(reference_size, im.size_from_header(path, "image"), settings)
 
     json_report = ProgressReporter("jsonl" if args.progress in ("auto", "jsonl") else "none")
     show_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())

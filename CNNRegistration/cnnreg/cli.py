@@ -36,7 +36,7 @@ EXIT_INPUT, EXIT_DEVICE, EXIT_NUMERIC, EXIT_CANCELLED = 2, 3, 4, 130
 PLUGIN_COMMANDS = {
     "evaluate": "cnnreg.evaluate_cli",
     "atlas": "cnnreg.atlas",
-    "train": "cnnreg.train",
+    "train": "cnnreg.train_cli",
 }
 
 
@@ -116,6 +116,21 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
     return parse
 
 
+def _enum_option(parser: argparse.ArgumentParser, flag: str, enum_type, default, help: str) -> None:
+    """``flag`` choosing a member of ``enum_type`` by value (``default``: a member or its value)."""
+    parser.add_argument(flag, default=enum_type(default).value, choices=choices(enum_type), help=help)
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` of every command that reports progress (read by :class:`ProgressReporter`)."""
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "jsonl", "bar", "none"],
+        help="JSON lines on standard output and/or a bar on standard error (auto: both, the bar on a terminal)",
+    )
+
+
 #: random seeds: what numpy, Python and torch all accept
 MAX_SEED = 2**32 - 1
 
@@ -129,12 +144,7 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs in an existing non-empty folder")
     add_method_arguments(parser)
     parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
-    parser.add_argument(
-        "--progress",
-        default="auto",
-        choices=["auto", "jsonl", "bar", "none"],
-        help="JSON lines on standard output and/or a bar on standard error (auto: both, the bar on a terminal)",
-    )
+    add_progress_argument(parser)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,19 +157,16 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
     run, opt = RegistrationSettings(), OptimizationSettings()
     iterations = ", ".join(f"{mode} {','.join(map(str, its))}" for mode, its in DEFAULT_ITERATIONS.items())
-    parser.add_argument(
+    _enum_option(
+        parser,
         "--mode",
-        default=Mode(run.mode).value,
-        choices=choices(Mode),
-        help="instance: the displacement field is optimised (the most accurate on CPU); phantom: a CNN is "
+        Mode,
+        run.mode,
+        "instance: the displacement field is optimised (the most accurate on CPU); phantom: a CNN is "
         "optimised on this pair (no training data); learned / learned-refine: shipped network weights",
     )
-    parser.add_argument(
-        "--similarity", default=Similarity(opt.similarity).value, choices=choices(Similarity), help="similarity measure"
-    )
-    parser.add_argument(
-        "--regularizer", default=Regularizer(opt.regularizer).value, choices=choices(Regularizer), help="regularizer"
-    )
+    _enum_option(parser, "--similarity", Similarity, opt.similarity, "similarity measure")
+    _enum_option(parser, "--regularizer", Regularizer, opt.regularizer, "regularizer")
     parser.add_argument("--weight", type=_number(float, 0), default=opt.weight, help="regularizer weight (>= 0)")
     parser.add_argument(
         "--jacobian-weight",
@@ -196,11 +203,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="dense-field control grid spacing, voxels (1 = every voxel)",
     )
     parser.add_argument("--optimizer", default=opt.optimizer, choices=list(OPTIMIZERS), help="dense-field optimiser")
-    parser.add_argument(
+    _enum_option(
+        parser,
         "--interpolation",
-        default=SimilarityInterpolation(opt.interpolation).value,
-        choices=choices(SimilarityInterpolation),
-        help="how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
+        SimilarityInterpolation,
+        opt.interpolation,
+        "how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
         "cubic B-spline (more accurate sub-voxel alignment, slower)",
     )
     parser.add_argument("--features", type=_number(int, 1), default=opt.features, help="phantom-mode CNN width")
@@ -219,12 +227,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "level, coarse to fine (N1,N2: as many levels as numbers)",
     )
     parser.add_argument("--affine", action="store_true", help="affine pre-alignment with SimpleITK first")
-    parser.add_argument(
-        "--normalization",
-        default=Normalization(run.normalization).value,
-        choices=choices(Normalization),
-        help="intensity normalisation of both images",
-    )
+    _enum_option(parser, "--normalization", Normalization, run.normalization, "intensity normalisation of both images")
     parser.add_argument("--device", default=run.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument(
         "--threads", type=_number(int, 1, 1024), default=None, help="CPU threads for torch (default: torch's choice)"
@@ -287,8 +290,9 @@ def _run_register(args: argparse.Namespace) -> int:
         args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
     )
     settings = settings_from_args(args)
-    check_memory(args.fixed, args.moving, settings)  # from the headers, before anything large is read
+    # from the headers, before anything large is read
     fixed_size = im.size_from_header(args.fixed, "fixed image")
+    check_memory(fixed_size, im.size_from_header(args.moving, "moving image"), settings)
     if len(fixed_size) == 3 and fixed_size[2] == 1 and min(fixed_size[:2]) > 1:
         raise InputError(
             f"the fixed image {args.fixed} is a single slice stored as a 3D image (size {fixed_size}); its 3D "
@@ -330,11 +334,12 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--displacement", required=True, help="ITK displacement field (e.g. displacement.nii.gz)")
     parser.add_argument("--image", required=True, help="image to warp (intensity image or label map)")
     parser.add_argument("--reference", help="output grid (default: the displacement field's grid)")
-    parser.add_argument(
+    _enum_option(
+        parser,
         "--interpolation",
-        default=Interpolation.LINEAR.value,
-        choices=choices(Interpolation),
-        help="nearest for label maps and masks; linear or cubic (B-spline) for intensity images",
+        Interpolation,
+        Interpolation.LINEAR,
+        "nearest for label maps and masks; linear or cubic (B-spline) for intensity images",
     )
     parser.add_argument("--out", required=True, help="output image file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -342,7 +347,7 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_apply(args: argparse.Namespace) -> int:
     from . import image as im
-    from .outputs import check_writable_parent, staged_file, verify_image_file
+    from .outputs import check_writable_parent, staged_file, write_verified_image
 
     out = os.path.abspath(args.out)
     if os.path.lexists(out) and not args.overwrite:
@@ -350,7 +355,7 @@ def _run_apply(args: argparse.Namespace) -> int:
     if os.path.isdir(out):
         raise InputError(f"output {out} is a folder; give an image file name (e.g. warped.nii.gz)")
     inputs = [p for p in (args.displacement, args.image, args.reference) if p]
-    if {out, os.path.realpath(out)} & ({os.path.abspath(p) for p in inputs} | {os.path.realpath(p) for p in inputs}):
+    if os.path.realpath(out) in {os.path.realpath(p) for p in inputs}:  # through links too
         raise InputError(f"output {out} is one of the inputs; choose another output file")
     check_writable_parent(out)
     field = im.read_displacement(args.displacement)
@@ -361,8 +366,7 @@ def _run_apply(args: argparse.Namespace) -> int:
     if os.path.islink(out):  # replace the link itself, never what it points to
         os.remove(out)
     with staged_file(out) as stage:
-        im.write_image(warped, stage)
-        verify_image_file(stage, warped)
+        write_verified_image(warped, stage)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

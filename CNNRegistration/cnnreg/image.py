@@ -30,33 +30,39 @@ def read_image(path: str | os.PathLike, role: str = "image", allow_constant: boo
     an empty image, a 1D profile, or a constant image (unless ``allow_constant``, e.g. a
     single-label mask).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{role} file not found: {path}")
+    path = _existing(path, role)
     if is_nifti(path):
         check_nifti(path, role)  # truncation and NaN/Inf, which SimpleITK's reader hides
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
+    image = _read(path, role)
     check_image(image, f"{role} {path}", allow_constant=allow_constant)
     return image
 
 
-def size_from_header(path: str | os.PathLike, role: str = "image") -> tuple[int, ...]:
-    """The image's size (SimpleITK order ``(i, j, k)``) from its header only: nothing large is read."""
+def _existing(path: str | os.PathLike, role: str) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{role} file not found: {path}")
+    return path
+
+
+def _read(path: str, role: str, header_only: bool = False):
+    """``sitk.ReadImage(path)`` (or, with ``header_only``, the reader after reading the header);
+    InputError naming ``role`` and the file when SimpleITK cannot read it."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
-        reader.ReadImageInformation()
+        if header_only:
+            reader.ReadImageInformation()
+            return reader
+        return reader.Execute()
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
-    return tuple(int(n) for n in reader.GetSize())
+
+
+def size_from_header(path: str | os.PathLike, role: str = "image") -> tuple[int, ...]:
+    """The image's size (SimpleITK order ``(i, j, k)``) from its header only: nothing large is read."""
+    return tuple(int(n) for n in _read(_existing(path, role), role, header_only=True).GetSize())
 
 
 def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> None:
@@ -310,15 +316,10 @@ def field_to_voxels(field: sitk.Image) -> np.ndarray:
 
 def read_displacement(path: str | os.PathLike) -> sitk.Image:
     """Read an ITK displacement field file (vector image, components = dimension)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"displacement file not found: {path}")
+    path = _existing(path, "displacement")
     if is_nifti(path):
         check_nifti(path, "displacement")
-    try:
-        field = sitk.ReadImage(path)
-    except RuntimeError:
-        raise InputError(f"cannot read displacement file {path}: not an image SimpleITK can read") from None
+    field = _read(path, "displacement")
     if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
         raise InputError(
             f"{path} is not a displacement field: {field.GetNumberOfComponentsPerPixel()} components per "

@@ -1,7 +1,7 @@
 """Output folders and files: checked before any work, written whole or not at all (no torch).
 
 A run's results are written into a new temporary folder beside the output folder, each file
-verified after writing (:func:`verify_image_file`), and only then put in place
+verified after writing (:func:`write_verified_image`), and only then put in place
 (:func:`staged_folder`): a run that fails, is cancelled or is killed leaves no new file in
 the output folder, and an existing folder replaced with ``--overwrite`` stays intact until
 the new one is complete; afterwards it holds exactly the new run's files.  Single-file
@@ -158,6 +158,15 @@ def verify_image_file(path: str, expected) -> None:
     )
     if not same:
         raise WriteError(f"writing {path} failed: the file does not hold what was written (disk full or I/O error?)")
+
+
+def write_verified_image(image, path: str) -> None:
+    """Write the SimpleITK ``image`` to ``path`` and check it reads back as written
+    (:func:`verify_image_file`); WriteError naming the file otherwise."""
+    from . import image as images
+
+    images.write_image(image, path)
+    verify_image_file(path, image)
 
 
 def _same_values(a, b) -> bool:

@@ -93,18 +93,9 @@ class RegistrationSettings:
             raise InputError(f"control spacing must be >= 1 voxel, got {opt.control_spacing}")
         if opt.weight < 0 or opt.jacobian_weight < 0:
             raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
-        iterations = (
-            [0]
-            if opt.iterations is None
-            else [opt.iterations]
-            if isinstance(opt.iterations, int)
-            else list(opt.iterations)
-        )
-        if not iterations or min(iterations) < 0:
-            raise InputError(f"iterations must be >= 0, got {opt.iterations}")
-        refine = [self.refine_iterations] if isinstance(self.refine_iterations, int) else list(self.refine_iterations)
-        if not refine or min(refine) < 0:
-            raise InputError(f"refine iterations must be >= 0, got {self.refine_iterations}")
+        for what, schedule in (("iterations", opt.iterations), ("refine iterations", self.refine_iterations)):
+            if schedule is not None and (not as_schedule(schedule) or min(as_schedule(schedule)) < 0):
+                raise InputError(f"{what} must be >= 0, got {schedule}")
         if opt.levels < 1:
             raise InputError(f"levels must be >= 1, got {opt.levels}")
 
@@ -123,6 +114,11 @@ class RegistrationResult:
     moving_on_fixed: sitk.Image | None = None
 
 
+def as_schedule(iterations: int | Sequence[int]) -> list[int]:
+    """Iterations as a list per level (one number = one level)."""
+    return [iterations] if isinstance(iterations, int) else list(iterations)
+
+
 #: peak memory per voxel of the fixed grid, bytes, by mode, with a margin: measured on CPU at
 #: 96^3 (instance 776 MiB peak, ~450 MiB above the process's imports) and 160x192x224
 #: (phantom 3.5 GiB); on top of it the imports (BASELINE_BYTES) and the images as read.
@@ -136,13 +132,12 @@ def estimate_memory_bytes(fixed_size: Sequence[int], moving_size: Sequence[int],
     return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode).value] * fixed_voxels + 16 * moving_voxels
 
 
-def check_memory(fixed_path: str, moving_path: str, settings: RegistrationSettings) -> int:
-    """DeviceError, before any image is read, when the run would need more memory than the machine
-    has available (CPU runs); returns the estimate in bytes."""
+def check_memory(fixed_size: Sequence[int], moving_size: Sequence[int], settings: RegistrationSettings) -> int:
+    """DeviceError when a run on images of these sizes (from their headers,
+    :func:`cnnreg.image.size_from_header`, before any image is read) would need more memory than
+    the machine has available (CPU runs); returns the estimate in bytes."""
     from .device import available_memory_bytes
 
-    fixed_size = im.size_from_header(fixed_path, "fixed image")
-    moving_size = im.size_from_header(moving_path, "moving image")
     needed = estimate_memory_bytes(fixed_size, moving_size, Mode(settings.mode).value)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
@@ -155,25 +150,21 @@ def check_memory(fixed_path: str, moving_path: str, settings: RegistrationSettin
     return needed
 
 
-def check_field_is_plausible(u: torch.Tensor, max_folding: float = 0.25) -> None:
-    """FloatingPointError (exit code 4) when the estimate ``u`` ``(1, ndim, *S)`` (voxels) is not a
-    registration but a numerical failure: a displacement longer than the whole grid, or more than
-    ``max_folding`` of the voxels folded (det J <= 0)."""
-    from .jacobian import folding_fraction, jacobian_determinant
+#: more folded voxels than this (fraction) means the optimisation diverged
+MAX_FOLDING_FRACTION = 0.25
 
+
+def check_field_length(u: torch.Tensor) -> None:
+    """FloatingPointError (exit code 4) when the estimate ``u`` ``(1, ndim, *S)`` (voxels) reaches
+    farther than the whole grid: a numerical failure, not a registration."""
     with torch.no_grad():
         longest = float(u.detach().pow(2).sum(1).sqrt().max())
-        extent = max(u.shape[2:])
-        if not np.isfinite(longest) or longest > extent:
-            raise FloatingPointError(
-                f"the estimated displacement reaches {longest:.3g} voxels, more than the whole {extent}-voxel grid: "
-                "the optimisation diverged"
-            )
-        folded = folding_fraction(jacobian_determinant(u.detach().double()))
-        if folded > max_folding:
-            raise FloatingPointError(
-                f"the estimated field folds {100 * folded:.1f} % of the voxels (det J <= 0): the optimisation diverged"
-            )
+    extent = max(u.shape[2:])
+    if not np.isfinite(longest) or longest > extent:
+        raise FloatingPointError(
+            f"the estimated displacement reaches {longest:.3g} voxels, more than the whole {extent}-voxel grid: "
+            "the optimisation diverged"
+        )
 
 
 def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -196,12 +187,11 @@ def _estimate_field(
     from .learned import predict_field  # the learned modes need shipped weights
 
     u = predict_field(fixed, moving, settings.model)
-    iterations = settings.refine_iterations
-    levels = 1 if isinstance(iterations, int) else len(iterations)
-    if mode is Mode.LEARNED_REFINE and (iterations if isinstance(iterations, int) else sum(iterations)) > 0:
-        refine = OptimizationSettings(**{**asdict(opt), "iterations": iterations})
+    schedule = as_schedule(settings.refine_iterations)
+    if mode is Mode.LEARNED_REFINE and sum(schedule) > 0:
+        refine = OptimizationSettings(**{**asdict(opt), "iterations": schedule})
         u = optimize_field(
-            fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=levels, stage="refine "
+            fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=len(schedule), stage="refine "
         )
     return u
 
@@ -220,12 +210,9 @@ def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
     if mode is Mode.LEARNED:
         return 0
     if mode is Mode.LEARNED_REFINE:
-        iterations = settings.refine_iterations
-        return iterations if isinstance(iterations, int) else list(iterations)
+        return settings.refine_iterations
     iterations = settings.optimization.iterations
-    if iterations is None:
-        iterations = DEFAULT_ITERATIONS[mode.value]
-    return iterations if isinstance(iterations, int) else list(iterations)
+    return DEFAULT_ITERATIONS[mode.value] if iterations is None else iterations
 
 
 def register(
@@ -295,7 +282,7 @@ def register(
         device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
     ):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, record)
-        check_field_is_plausible(u)
+        check_field_length(u)
         # zeros outside and the same interpolation, as in warped.nii.gz
         interpolation = SimilarityInterpolation(opt.interpolation).value
         after = _measure(opt, fixed_t, warp(moving_t, u, interpolation, padding="zeros"), mask_t)
@@ -315,6 +302,11 @@ def register(
     jacobian_image = im.array_to_image(determinant[0].numpy().astype(np.float32), fixed)
     jacobian = determinant_summary(determinant)
     del determinant
+    if jacobian["folding_fraction"] > MAX_FOLDING_FRACTION:
+        raise FloatingPointError(
+            f"the estimated field folds {jacobian['folding_percent']:.1f} % of the voxels (det J <= 0): "
+            "the optimisation diverged"
+        )
 
     summary = {
         "mode": Mode(settings.mode).value,
@@ -359,7 +351,7 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
     """Write the result files into ``out_dir``; returns name -> path.
 
     The files are written into a new folder beside ``out_dir``, each read back and compared
-    (:func:`cnnreg.outputs.verify_image_file`), and that folder then replaces ``out_dir``
+    (:func:`cnnreg.outputs.write_verified_image`), and that folder then replaces ``out_dir``
     (:func:`cnnreg.outputs.staged_folder`): on any failure nothing of this run is left and an
     existing ``out_dir`` is untouched; on success ``out_dir`` holds exactly these files.  The
     QC picture is optional: if it cannot be drawn, the run still succeeds and the summary says
@@ -377,9 +369,7 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
             ("warped_labels", result.warped_labels),
         ):
             if image is not None:
-                path = os.path.join(stage, OUTPUT_FILES[key])
-                im.write_image(image, path)
-                outputs.verify_image_file(path, image)
+                outputs.write_verified_image(image, os.path.join(stage, OUTPUT_FILES[key]))
                 names[key] = OUTPUT_FILES[key]
         if qc and result.fixed is not None:
             try:
