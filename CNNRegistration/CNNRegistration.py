@@ -19,7 +19,7 @@ from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
 )
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -31,6 +31,8 @@ from slicer.util import VTKObservationMixin
 from CNNRegistrationLib import dependencies, nodes, registration
 from CNNRegistrationLib.settings import (
     PRESETS,
+    SIMILARITY_INTERPOLATIONS,
+    WEIGHT_RANGE,
     Device,
     Interpolation,
     Mode,
@@ -71,6 +73,10 @@ Reimplements ideas of FAIM (Kuang and Schmah, 2018) and of Chen et al., Medical 
 #
 
 
+#: the backend's defaults, as the panel shows them
+_DEFAULT_SETTINGS = RegistrationSettings()
+
+
 @parameterNodeWrapper
 class CNNRegistrationParameterNode:
     """Module settings stored in the scene.
@@ -84,13 +90,16 @@ class CNNRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     movingLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     fixedMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
-    mode: Mode = Mode.INSTANCE
-    similarity: Similarity = Similarity.LNCC
-    regularizer: Regularizer = Regularizer.DIFFUSION
-    weight: Annotated[float, WithinRange(0, 100)] = 1.0
+    mode: Mode = _DEFAULT_SETTINGS.mode
+    similarity: Similarity = _DEFAULT_SETTINGS.similarity
+    regularizer: Regularizer = _DEFAULT_SETTINGS.regularizer
+    weight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.weight
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
-    interpolation: Interpolation = Interpolation.LINEAR
-    device: Device = Device.AUTO
+    # a choice among the interpolations the similarity term allows (nearest is for label maps)
+    interpolation: Annotated[str, Choice([i.value for i in SIMILARITY_INTERPOLATIONS])] = (
+        _DEFAULT_SETTINGS.interpolation.value
+    )
+    device: Device = _DEFAULT_SETTINGS.device
     keepTemporaryFiles: bool = False
     showJacobian: bool = False
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -351,7 +360,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
             iterations=parameterNode.iterations,
-            interpolation=parameterNode.interpolation,
+            interpolation=Interpolation(parameterNode.interpolation),
             device=parameterNode.device,
             keepTemporaryFiles=parameterNode.keepTemporaryFiles,
         )
@@ -467,7 +476,7 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameterNode.similarity, Similarity.PCC_SSIM)
         logic.applyPreset(parameterNode, "Brain MRI")
         self.assertEqual(parameterNode.mode, Mode.INSTANCE)
-        self.assertEqual(logic.settingsFromParameterNode(parameterNode).commandLineArguments()[1], "instance")
+        self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings().mode, Mode.INSTANCE)
 
     @staticmethod
     def _blobVolume(name, center, shape=(24, 24, 24), spacing=(1.5, 1.5, 1.5)):

@@ -349,7 +349,7 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
             det = np.ones_like(warped)
         else:
             warped = sitk.GetArrayFromImage(_read(Path(row["files"]["warped"]))).astype(np.float64)
-            det = evaluate.jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True))
+            det = evaluate.field_jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True))
         dice = (row.get("metrics") or {}).get("dice_mean")
         axis_row[0].imshow(middle(warped), cmap="gray", vmin=0, vmax=scale, origin="lower")
         axis_row[0].contour(

@@ -22,7 +22,7 @@ The known answer
         moving(x + d(x)) = fixed(x)
 
     i.e. ``d`` is exactly the field a registration fixed -> moving should find, in the pull
-    convention of :mod:`cnnreg.conventions`.  ``case.json`` records the inversion residual and
+    convention of :mod:`cnnreg.settings`.  ``case.json`` records the inversion residual and
     checks it numerically: resampling the moving image (and labels) with the stored field
     gives back the fixed image (and labels) up to interpolation error.
 
@@ -453,7 +453,7 @@ def _checks(fixed, moving, fixed_labels, moving_labels, true_field, inverse_stat
         return checks
     dense = dense_field(true_field, fixed)
     magnitude = np.sqrt((sitk.GetArrayFromImage(dense) ** 2).sum(axis=-1))
-    det = cnnreg_evaluate.jacobian_determinant(dense)
+    det = cnnreg_evaluate.field_jacobian_determinant(dense)
     back = warp(sitk.Cast(moving, sitk.sitkFloat32), dense)
     labels_back = warp(moving_labels, dense, nearest=True)
     fixed_array = sitk.GetArrayFromImage(fixed).astype(np.float64)

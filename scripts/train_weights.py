@@ -72,9 +72,9 @@ import torch  # noqa: E402
 from cnnreg import image as im  # noqa: E402
 from cnnreg.augment import PairBatch, Sample, deform  # noqa: E402
 from cnnreg.checkpoint import file_sha256, load_checkpoint, plain, write_manifest  # noqa: E402
-from cnnreg.cli import ProgressReporter  # noqa: E402
 from cnnreg.dataset import make_sample  # noqa: E402
-from cnnreg.networks import integrate_velocity  # noqa: E402
+from cnnreg.progress import ProgressReporter  # noqa: E402
+from cnnreg.spatial import integrate_velocity  # noqa: E402
 from cnnreg.synth import multiscale_velocity  # noqa: E402
 from cnnreg.train import output_paths, settings_from_dict, train  # noqa: E402
 

@@ -1,6 +1,6 @@
 """MRML nodes <-> SimpleITK images and ITK displacement fields (no Qt).
 
-Conventions (the same as the backend's ``cnnreg.conventions``):
+Conventions (the same as the backend's ``cnnreg.settings``):
 
 * Arrays are ``(k, j, i)``: ``slicer.util.arrayFromVolume`` and ``sitk.GetArrayFromImage``.
 * Slicer world coordinates are RAS, ITK files are LPS: ``ras = (-x, -y, z)`` of an LPS
@@ -25,8 +25,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from cnnreg.settings import LPS_TO_RAS_SIGNS
+
 #: Sign flip between LPS and RAS for points and vectors (its own inverse).
-LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+LPS_TO_RAS = np.array(LPS_TO_RAS_SIGNS)
 
 #: Node reference roles set on the output transform node.
 FIXED_VOLUME_REFERENCE = "fixedVolume"

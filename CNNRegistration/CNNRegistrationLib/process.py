@@ -21,13 +21,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-#: Exit codes of ``python -m cnnreg`` (see the backend's CLI).
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_DEVICE = 3
-EXIT_NUMERIC = 4
-EXIT_CANCELLED = 130
-
 #: Folder holding ``CNNRegistration.py``; the ``cnnreg`` package lives in it.
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

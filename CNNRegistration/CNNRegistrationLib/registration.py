@@ -21,17 +21,11 @@ from typing import Callable
 import SimpleITK as sitk
 import slicer
 
-from . import nodes
-from .process import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_DEVICE, EXIT_NUMERIC, BackendProcess, insideSlicer
-from .settings import RegistrationSettings
+from cnnreg.settings import EXIT_CANCELLED, EXIT_DEVICE, EXIT_INPUT, EXIT_NUMERIC, OUTPUT_FILES
 
-#: Files written by ``python -m cnnreg register --out DIR``.
-WARPED_FILE = "warped.nii.gz"
-DISPLACEMENT_FILE = "displacement.nii.gz"
-WARPED_LABELS_FILE = "warped_labels.nii.gz"
-JACOBIAN_FILE = "jacobian.nii.gz"
-SUMMARY_FILE = "summary.json"
-QC_FILE = "qc.png"
+from . import nodes
+from .process import BackendProcess, insideSlicer
+from .settings import RegistrationSettings
 
 
 class RegistrationError(RuntimeError):
@@ -261,7 +255,7 @@ class RegistrationJob:
     def _failureMessage(self) -> str:
         code = self.process.returncode
         detail = self.errorMessage or self.process.stderrTail(12) or "no message"
-        if code == EXIT_BAD_INPUT:
+        if code == EXIT_INPUT:
             return f"The backend rejected the input: {detail}"
         if code == EXIT_DEVICE:
             return f"The compute device cannot be used: {detail}\nTry the CPU device (Advanced section)."
@@ -271,12 +265,12 @@ class RegistrationJob:
 
     def _loadOutputs(self) -> RegistrationResult:
         folder = self.outputDirectory
-        summaryPath = os.path.join(folder, SUMMARY_FILE)
+        summaryPath = os.path.join(folder, OUTPUT_FILES["summary"])
         summary = self.summary or {}
         if os.path.isfile(summaryPath):
             with open(summaryPath, encoding="utf-8") as stream:
                 summary = json.load(stream)
-        for required in (WARPED_FILE, DISPLACEMENT_FILE):
+        for required in (OUTPUT_FILES["warped"], OUTPUT_FILES["displacement"]):
             if not os.path.isfile(os.path.join(folder, required)):
                 raise RegistrationError(f"the backend finished but did not write {required} in {folder}")
         movingName = self.movingVolumeNode.GetName()
@@ -292,24 +286,26 @@ class RegistrationJob:
 
         try:
             warped = ensure(self.outputVolumeNode, "vtkMRMLScalarVolumeNode", f"{movingName} registered")
-            nodes.updateVolumeNodeFromSitkImage(warped, sitk.ReadImage(os.path.join(folder, WARPED_FILE)))
+            nodes.updateVolumeNodeFromSitkImage(warped, sitk.ReadImage(os.path.join(folder, OUTPUT_FILES["warped"])))
             transform = ensure(self.outputTransformNode, "vtkMRMLGridTransformNode", f"{movingName} to fixed")
             nodes.updateGridTransformFromDisplacementImage(
-                transform, sitk.ReadImage(os.path.join(folder, DISPLACEMENT_FILE))
+                transform, sitk.ReadImage(os.path.join(folder, OUTPUT_FILES["displacement"]))
             )
             nodes.setRegistrationReferences(transform, self.fixedVolumeNode, self.movingVolumeNode, summary)
             jacobian = None
-            if os.path.isfile(os.path.join(folder, JACOBIAN_FILE)):
+            if os.path.isfile(os.path.join(folder, OUTPUT_FILES["jacobian"])):
                 jacobian = ensure(self.outputJacobianNode, "vtkMRMLScalarVolumeNode", f"{movingName} Jacobian")
-                nodes.updateVolumeNodeFromSitkImage(jacobian, sitk.ReadImage(os.path.join(folder, JACOBIAN_FILE)))
+                nodes.updateVolumeNodeFromSitkImage(
+                    jacobian, sitk.ReadImage(os.path.join(folder, OUTPUT_FILES["jacobian"]))
+                )
                 nodes.setJacobianDisplay(jacobian)
-            labels = self._loadLabels(os.path.join(folder, WARPED_LABELS_FILE), created)
+            labels = self._loadLabels(os.path.join(folder, OUTPUT_FILES["warped_labels"]), created)
         except BaseException:
             for node in created:
                 self.scene.RemoveNode(node)
             raise
         keep = self.settings.keepTemporaryFiles
-        qcPath = os.path.join(folder, QC_FILE)
+        qcPath = os.path.join(folder, OUTPUT_FILES["qc"])
         return RegistrationResult(
             outputVolume=warped,
             outputTransform=transform,

@@ -1,119 +1,56 @@
-"""Registration settings of the Slicer module: choices, presets and the backend command line.
+"""Registration settings of the Slicer module: what the panel sets, presets, the command line.
 
-Pure Python (no Slicer, VTK or Qt) so that it can be imported anywhere, including by the
-tests. The string values of the enums are the command-line choices of
-``python -m cnnreg register`` (defined in ``cnnreg.conventions``); a test checks that the
-two stay equal.
+Pure Python (no Slicer, VTK or Qt). The choices, their labels, defaults and the mapping to
+``python -m cnnreg register`` options come from the backend's torch-free ``cnnreg.settings``
+(the one module of the backend the Slicer glue imports); this module only adds what the
+panel needs: a flat settings object with camelCase names, the weight range of its slider,
+"0 iterations = backend default", and named presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 
+from cnnreg import settings as backend
+from cnnreg.settings import SIMILARITY_INTERPOLATIONS, Device, Interpolation, Mode, Regularizer, Similarity
 
-class Mode(enum.Enum):
-    """How the displacement field is obtained."""
+__all__ = [
+    "PRESETS",
+    "SIMILARITY_INTERPOLATIONS",
+    "Device",
+    "Interpolation",
+    "Mode",
+    "RegistrationSettings",
+    "Regularizer",
+    "Similarity",
+    "presetSettings",
+]
 
-    LEARNED = "learned"
-    LEARNED_REFINE = "learned-refine"
-    PHANTOM = "phantom"
-    INSTANCE = "instance"
+_DEFAULTS = backend.RegistrationSettings()
 
-    def label(self) -> str:
-        """Text shown in the GUI (the parameter node wrapper calls ``label`` for combo boxes)."""
-        return _LABELS[self]
-
-
-class Similarity(enum.Enum):
-    """Image similarity term of the loss."""
-
-    LNCC = "lncc"
-    MSE = "mse"
-    PCC = "pcc"
-    SSIM = "ssim"
-    MI = "mi"
-    PCC_SSIM = "pcc+ssim"
-
-    def label(self) -> str:
-        return _LABELS[self]
-
-
-class Regularizer(enum.Enum):
-    """Smoothness / plausibility term on the displacement field."""
-
-    DIFFUSION = "diffusion"
-    TOTAL_VARIATION = "tv"
-    BENDING = "bending"
-    NEGATIVE_JACOBIAN = "negjac"
-
-    def label(self) -> str:
-        return _LABELS[self]
-
-
-class Interpolation(enum.Enum):
-    """How the moving image is sampled: in the similarity term and in the warped volume."""
-
-    LINEAR = "linear"
-    CUBIC = "cubic"
-
-    def label(self) -> str:
-        return _LABELS[self]
-
-
-class Device(enum.Enum):
-    """Compute device of the backend process (``auto``: CUDA when available, else CPU)."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def label(self) -> str:
-        return _LABELS[self]
-
-
-_LABELS = {
-    Mode.LEARNED: "Learned (one pass of a trained network)",
-    Mode.LEARNED_REFINE: "Learned + instance refinement",
-    Mode.PHANTOM: "Phantom CNN (no training, optimised on this pair)",
-    Mode.INSTANCE: "Instance optimisation (dense field)",
-    Similarity.LNCC: "Local normalised cross-correlation (LNCC)",
-    Similarity.MSE: "Mean squared error (MSE)",
-    Similarity.PCC: "Pearson correlation (PCC)",
-    Similarity.SSIM: "Structural similarity (SSIM)",
-    Similarity.MI: "Mutual information (MI)",
-    Similarity.PCC_SSIM: "PCC + SSIM",
-    Regularizer.DIFFUSION: "Diffusion (gradient L2)",
-    Regularizer.TOTAL_VARIATION: "Total variation",
-    Regularizer.BENDING: "Bending energy",
-    Regularizer.NEGATIVE_JACOBIAN: "Negative-Jacobian penalty",
-    Interpolation.LINEAR: "Linear (fast)",
-    Interpolation.CUBIC: "Cubic B-spline (sub-voxel accurate, slower)",
-    Device.AUTO: "Automatic (GPU if available)",
-    Device.CPU: "CPU",
-    Device.CUDA: "CUDA GPU",
-}
+#: range of the panel's regularization-weight slider
+WEIGHT_RANGE = (0.0, 100.0)
 
 
 @dataclasses.dataclass
 class RegistrationSettings:
-    """Options of one registration run, as passed to ``python -m cnnreg register``.
+    """Options of one registration run as the panel sets them.
 
-    ``weight`` is the regularization weight (dimensionless, 0 to 100). ``iterations`` is
-    per pyramid level for ``phantom`` and ``instance`` (``--iterations``), the number of
-    refinement iterations for ``learned-refine`` (``--refine-iterations``), unused for
+    ``weight`` is the regularization weight (dimensionless, within :data:`WEIGHT_RANGE`).
+    ``iterations`` is per pyramid level for ``phantom`` and ``instance`` (``--iterations``), the
+    number of refinement iterations for ``learned-refine`` (``--refine-iterations``), unused for
     ``learned``; 0 leaves it to the backend's default.  ``interpolation`` samples the moving
-    image in the similarity term and in the warped volume (cubic: more accurate sub-voxel
-    alignment at about 1.5x the run time).
+    image in the similarity term and in the warped volume (one of
+    :data:`SIMILARITY_INTERPOLATIONS`). Defaults are the backend's.
     """
 
-    mode: Mode = Mode.INSTANCE
-    similarity: Similarity = Similarity.LNCC
-    regularizer: Regularizer = Regularizer.DIFFUSION
-    weight: float = 1.0
+    mode: Mode = _DEFAULTS.mode
+    similarity: Similarity = _DEFAULTS.optimization.similarity
+    regularizer: Regularizer = _DEFAULTS.optimization.regularizer
+    weight: float = _DEFAULTS.optimization.weight
     iterations: int = 0
-    interpolation: Interpolation = Interpolation.LINEAR
-    device: Device = Device.AUTO
+    interpolation: Interpolation = _DEFAULTS.optimization.interpolation
+    device: Device = Device(_DEFAULTS.device)
     seed: int | None = None
     keepTemporaryFiles: bool = False
 
@@ -124,41 +61,41 @@ class RegistrationSettings:
         self.regularizer = Regularizer(self.regularizer)
         self.interpolation = Interpolation(self.interpolation)
         self.device = Device(self.device)
-        if not 0.0 <= float(self.weight) <= 100.0:
-            raise ValueError(f"regularization weight must be within [0, 100], got {self.weight}")
+        if not WEIGHT_RANGE[0] <= float(self.weight) <= WEIGHT_RANGE[1]:
+            raise ValueError(f"regularization weight must be within {list(WEIGHT_RANGE)}, got {self.weight}")
         if int(self.iterations) < 0:
             raise ValueError(f"iterations must be >= 0 (0: backend default), got {self.iterations}")
+        self.backendSettings()  # the backend's own checks (e.g. interpolation allowed in the similarity)
+
+    def backendSettings(self) -> backend.RegistrationSettings:
+        """The backend's settings for this run (``cnnreg.settings.RegistrationSettings``)."""
+        iterations = int(self.iterations) or None
+        optimization = backend.OptimizationSettings(
+            similarity=self.similarity,
+            regularizer=self.regularizer,
+            weight=float(self.weight),
+            interpolation=self.interpolation,
+            iterations=iterations if self.mode in (Mode.INSTANCE, Mode.PHANTOM) else None,
+        )
+        run = dict(mode=self.mode, optimization=optimization, device=self.device.value)
+        if self.mode is Mode.LEARNED_REFINE and iterations:
+            run["refine_iterations"] = iterations
+        if self.seed is not None:
+            run["seed"] = int(self.seed)
+        return backend.RegistrationSettings(**run)
 
     def commandLineArguments(self) -> list:
-        """The option part of the ``register`` command (inputs and ``--out`` are added by the caller)."""
-        arguments = [
-            "--mode",
-            self.mode.value,
-            "--similarity",
-            self.similarity.value,
-            "--regularizer",
-            self.regularizer.value,
-            "--weight",
-            repr(float(self.weight)),
-            "--interpolation",
-            self.interpolation.value,
-            "--device",
-            self.device.value,
-        ]
-        if int(self.iterations) > 0 and self.mode is not Mode.LEARNED:
-            option = "--refine-iterations" if self.mode is Mode.LEARNED_REFINE else "--iterations"
-            arguments += [option, str(int(self.iterations))]
-        if self.seed is not None:
-            arguments += ["--seed", str(int(self.seed))]
-        return arguments
+        """The option part of the ``register`` command (inputs and ``--out`` are added by the caller):
+        the options whose values differ from the backend's defaults."""
+        return backend.command_line_arguments(self.backendSettings())
 
 
-#: Named settings that fill the GUI in one click. Values are keyword arguments of
+#: Named settings that fill the panel in one click. Values are keyword arguments of
 #: :class:`RegistrationSettings`.
 PRESETS = {
     # T1 brain MRI, affinely pre-aligned (as FAIM/VoxelMorph assume): dense-field instance
-    # optimisation with local NCC (robust to intensity non-uniformity) and the backend's
-    # default schedule.  Switch to learned-refine once trained weights ship with the extension.
+    # optimisation with local NCC (robust to intensity non-uniformity),
+    # 60 iterations per pyramid level.
     "Brain MRI": dict(
         mode=Mode.INSTANCE,
         similarity=Similarity.LNCC,

@@ -35,17 +35,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import image as im
-from .conventions import Mode, Normalization
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .registration import RegistrationSettings
+from .progress import ProgressReporter, add_progress_argument, set_threads
+from .settings import Normalization, RegistrationSettings, add_method_arguments, settings_from_args
 
 #: file names inside the output folder
 ATLAS_FILES = {
@@ -227,7 +224,7 @@ def build_atlas(
         device problems, and whatever ``callback`` raises.
     """
     from .device import describe_device, resolve_device
-    from .registration import RegistrationSettings, register
+    from .registration import register
 
     settings = settings or RegistrationSettings()
     settings.validate()
@@ -375,7 +372,7 @@ def build_atlas(
         "reference_size": list(reference.GetSize()),
         "reference_spacing": list(reference.GetSpacing()),
         "reference_origin": list(reference.GetOrigin()),
-        "mode": Mode(settings.mode).value,
+        "mode": settings.mode.value,
         "device": describe_device(resolve_device(settings.device)),
         "settings": _settings_summary(settings),
         "history": history,
@@ -480,7 +477,6 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_method_arguments, add_progress_argument
 
     parser.add_argument(
         "--images",
@@ -530,7 +526,6 @@ def _bar_event(event: dict) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import ProgressReporter, set_threads, settings_from_args
     from .dataset import expand_paths
     from .device import describe_device, resolve_device
     from .registration import check_memory, check_output_folder
@@ -556,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"input {path} would be overwritten by an atlas output; choose another output folder")
     settings = settings_from_args(args)
     settings.validate()
-    set_threads(args)
+    set_threads(args.threads)
     reference_size = im.size_from_header(args.reference or image_paths[0], "reference image")
     for path in image_paths:  # from the headers, before anything large is read
         check_memory(reference_size, im.size_from_header(path, "image"), settings)

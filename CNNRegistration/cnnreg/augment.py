@@ -2,7 +2,7 @@
 
 Images are ``(N, 1, *S)`` float tensors, max-normalised to [0, 1]; label maps ``(N, 1, *S)``
 integer-valued float or int tensors; fields ``(N, ndim, *S)`` in voxels
-(:mod:`cnnreg.conventions`).  Every random draw takes an explicit ``torch.Generator`` (on
+(:mod:`cnnreg.settings`).  Every random draw takes an explicit ``torch.Generator`` (on
 the CPU; results are moved to the images' device) so a seed makes a run repeatable.
 """
 
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .networks import integrate_velocity
-from .spatial import gaussian_smooth, warp
+from .spatial import gaussian_smooth, integrate_velocity, warp
 
 
 @dataclass

@@ -14,4 +14,6 @@ class DeviceError(CnnregError, RuntimeError):
 
 
 class CancelledError(CnnregError):
-    """The user (or a callback) asked the run to stop."""
+    """Raised by a progress callback to stop a run: ``register``, ``build_atlas`` and ``train``
+    let it propagate before anything is written; the command line exits with 130 for it, as
+    for Ctrl-C and SIGTERM."""

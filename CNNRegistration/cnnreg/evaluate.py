@@ -1,6 +1,6 @@
 """Registration accuracy: label overlap, surface distance, error against a known field, folding.
 
-Conventions (see :mod:`cnnreg.conventions`):
+Conventions (see :mod:`cnnreg.settings`):
 
 * Label maps are integer images; ``0`` is background and never scored.  Arrays are in
   SimpleITK array order ``(k, j, i)`` (``(D, H, W)``), i.e. ``sitk.GetArrayFromImage``.
@@ -26,16 +26,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-
-_GRID_TOLERANCE = 1e-4
-
+from .image import GEOMETRY_TOLERANCE, describe_grid, same_grid
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
 
 
-def _label_array(labels, name: str) -> np.ndarray:
+def label_array(labels, name: str) -> np.ndarray:
     """Label map (array or scalar image) -> integer array in SimpleITK array order."""
     if isinstance(labels, sitk.Image):
         if labels.GetNumberOfComponentsPerPixel() != 1:
@@ -59,33 +57,15 @@ def _present_labels(array: np.ndarray) -> set[int]:
     return {int(v) for v in np.unique(array) if v != 0}
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
-        return False
-    scale = max(max(a.GetSpacing()), 1.0)
-    return (
-        np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=_GRID_TOLERANCE, atol=0)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=_GRID_TOLERANCE * scale * 10)
-        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=_GRID_TOLERANCE)
-    )
-
-
-def _describe_grid(image: sitk.Image) -> str:
-    return (
-        f"size {image.GetSize()}, spacing {tuple(round(s, 6) for s in image.GetSpacing())}, origin "
-        f"{tuple(round(o, 4) for o in image.GetOrigin())}"
-    )
-
-
 def _check_label_pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
     """Both label maps as arrays after checking they share a grid (images) or a shape (arrays)."""
-    if isinstance(a, sitk.Image) and isinstance(b, sitk.Image) and not _same_grid(a, b):
+    if isinstance(a, sitk.Image) and isinstance(b, sitk.Image) and not same_grid(a, b):
         raise InputError(
-            f"{name_a} and {name_b} are on different grids: {_describe_grid(a)} vs {_describe_grid(b)}; "
+            f"{name_a} and {name_b} are on different grids: {describe_grid(a)} vs {describe_grid(b)}; "
             "resample one onto the other first"
         )
-    array_a = _label_array(a, name_a)
-    array_b = _label_array(b, name_b)
+    array_a = label_array(a, name_a)
+    array_b = label_array(b, name_b)
     if array_a.shape != array_b.shape:
         raise InputError(f"{name_a} have shape {array_a.shape} but {name_b} have shape {array_b.shape}")
     for array, name in ((array_a, name_a), (array_b, name_b)):
@@ -186,7 +166,7 @@ def _label_arrays_and_spacing(
     if any(not s > 0 for s in spacing):
         raise InputError(f"spacing must be positive, got {spacing}")
     for image in images:
-        if not np.allclose(image.GetSpacing(), spacing, rtol=_GRID_TOLERANCE, atol=0):
+        if not np.allclose(image.GetSpacing(), spacing, rtol=GEOMETRY_TOLERANCE, atol=0):
             raise InputError(f"spacing {spacing} was given but a label image has spacing {image.GetSpacing()}")
     return array_a, array_b, spacing
 
@@ -295,9 +275,9 @@ def _mask_array(mask, reference: sitk.Image) -> np.ndarray:
     """Boolean mask on ``reference``'s grid (array order)."""
     shape = sitk.GetArrayViewFromImage(reference).shape[: reference.GetDimension()]
     if isinstance(mask, sitk.Image):
-        if not _same_grid(mask, reference):
+        if not same_grid(mask, reference):
             raise InputError(
-                f"mask is not on the field grid: mask {_describe_grid(mask)} vs field {_describe_grid(reference)}"
+                f"mask is not on the field grid: mask {describe_grid(mask)} vs field {describe_grid(reference)}"
             )
         array = sitk.GetArrayFromImage(mask)
     else:
@@ -342,7 +322,7 @@ def target_registration_error(field: sitk.Image, true_field: sitk.Image, mask=No
         raise InputError(
             f"estimated field is {field.GetDimension()}D but the true field is {true_field.GetDimension()}D"
         )
-    if not _same_grid(field, true_field):
+    if not same_grid(field, true_field):
         true_field = resample_field(true_field, field)
     estimate = sitk.GetArrayFromImage(field).astype(np.float64)
     truth = sitk.GetArrayFromImage(true_field).astype(np.float64)
@@ -359,7 +339,7 @@ def target_registration_error(field: sitk.Image, true_field: sitk.Image, mask=No
     }
 
 
-def jacobian_determinant(field: sitk.Image) -> np.ndarray:
+def field_jacobian_determinant(field: sitk.Image) -> np.ndarray:
     """Determinant of the Jacobian of ``x -> x + d(x)`` for an ITK displacement field.
 
     Derivatives are central differences along the index axes (one-sided at the borders),
@@ -397,7 +377,7 @@ SDLOGJ_CLIP = (1e-9, 1e9)
 def jacobian_statistics(field: sitk.Image, mask=None) -> dict[str, float]:
     """Folding, extreme Jacobian determinants and SDlogJ of an ITK displacement field.
 
-    ``det J`` is that of :func:`jacobian_determinant` (the mapping ``x -> x + d(x)``, spacing
+    ``det J`` is that of :func:`field_jacobian_determinant` (the mapping ``x -> x + d(x)``, spacing
     and direction taken into account).  SDlogJ is the population standard deviation of
     ``log(clip(det J, 1e-9, 1e9))``, exactly as :func:`cnnreg.jacobian.sdlogj`, so folded
     voxels count as ``log(1e-9)`` rather than being dropped.
@@ -411,7 +391,7 @@ def jacobian_statistics(field: sitk.Image, mask=None) -> dict[str, float]:
         ``{"folding_percent": % of voxels with det J <= 0, "min_jacobian", "max_jacobian",
         "sdlogj"}`` (dimensionless) and ``"voxels"`` (count evaluated).
     """
-    determinant = jacobian_determinant(field)
+    determinant = field_jacobian_determinant(field)
     if mask is not None:
         determinant = determinant[_mask_array(mask, field)]
     determinant = determinant.ravel()
@@ -432,8 +412,8 @@ def label_set_difference(fixed_labels, warped_labels) -> dict[str, list[int]]:
         ``{"only_in_fixed": [...], "only_in_warped": [...]}``, ascending.  These are the labels
         that :func:`dice_per_label` and :func:`surface_distance_per_label` leave out by default.
     """
-    present_fixed = _present_labels(_label_array(fixed_labels, "fixed labels"))
-    present_warped = _present_labels(_label_array(warped_labels, "warped labels"))
+    present_fixed = _present_labels(label_array(fixed_labels, "fixed labels"))
+    present_warped = _present_labels(label_array(warped_labels, "warped labels"))
     return {
         "only_in_fixed": sorted(present_fixed - present_warped),
         "only_in_warped": sorted(present_warped - present_fixed),

@@ -5,7 +5,7 @@ subjects.  For every (method, subject) pair it scores the method's warped labels
 subject's fixed labels (both on the fixed grid) and, when the method's displacement field is
 given, the field's regularity and (with the true field) the target registration error.
 
-Arrays follow :mod:`cnnreg.conventions`; the metrics are those of :mod:`cnnreg.evaluate`.
+Arrays follow :mod:`cnnreg.settings`; the metrics are those of :mod:`cnnreg.evaluate`.
 Units: HD95, ASSD and TRE in mm, folding in % of voxels, det J and SDlogJ dimensionless.
 """
 
@@ -351,22 +351,22 @@ def _read_labels(path: str, role: str):
     import numpy as np
 
     from . import image as im
-    from .evaluate import _label_array
+    from .evaluate import label_array
 
     image = im.read_image(path, role, allow_constant=True)
-    array = _label_array(image, f"{role} {path}")
+    array = label_array(image, f"{role} {path}")
     if not np.any(array):
         raise InputError(f"{role} {path} are empty: every voxel is background (0); there is nothing to score")
     return image
 
 
 def _check_grids(fixed, warped, fixed_path: str, warped_path: str, context: str) -> None:
-    from .evaluate import _describe_grid, _same_grid
+    from . import image as im
 
-    if not _same_grid(fixed, warped):
+    if not im.same_grid(fixed, warped):
         raise InputError(
             f"warped labels {warped_path} ({context}) are not on the grid of the fixed labels {fixed_path}: "
-            f"{_describe_grid(warped)} vs {_describe_grid(fixed)}; resample them onto the fixed grid first "
+            f"{im.describe_grid(warped)} vs {im.describe_grid(fixed)}; resample them onto the fixed grid first "
             f"(cnnreg apply --reference {fixed_path} --interpolation nearest ...)"
         )
 
@@ -384,13 +384,11 @@ def _evaluate_pair(method: Method, index: int, subject: str, fixed, fixed_path: 
     field_path = method.displacements[index]
     displacement = im.read_displacement(field_path) if field_path else None
     if displacement is not None:
-        from .evaluate import _describe_grid, _same_grid
-
-        if displacement.GetDimension() != fixed.GetDimension() or not _same_grid(fixed, displacement):
+        if displacement.GetDimension() != fixed.GetDimension() or not im.same_grid(fixed, displacement):
             raise InputError(
                 f"displacement field {field_path} ({context}) is not on the grid of the fixed labels {fixed_path}: "
-                f"{displacement.GetDimension()}D {_describe_grid(displacement)} vs {fixed.GetDimension()}D "
-                f"{_describe_grid(fixed)}; the field must live on the fixed grid"
+                f"{displacement.GetDimension()}D {im.describe_grid(displacement)} vs {fixed.GetDimension()}D "
+                f"{im.describe_grid(fixed)}; the field must live on the fixed grid"
             )
     import SimpleITK as sitk
 

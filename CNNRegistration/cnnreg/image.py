@@ -1,7 +1,7 @@
 """Image I/O, geometry checks, resampling and displacement-field files (SimpleITK).
 
 Every reader/checker raises :class:`cnnreg.errors.InputError` with a message that names
-the file (or role) and the problem.  Arrays follow :mod:`cnnreg.conventions`.
+the file (or role) and the problem.  Arrays follow :mod:`cnnreg.settings`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .conventions import Interpolation, Normalization
 from .errors import InputError
 from .nifti import check_nifti, is_nifti
+from .settings import Interpolation, Normalization
 from .spatial import lps_to_voxel, voxel_to_lps
 
 GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
@@ -136,6 +136,14 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANC
     )
 
 
+def describe_grid(image: sitk.Image) -> str:
+    """Size, spacing and origin of ``image``'s grid, for messages."""
+    return (
+        f"size {image.GetSize()}, spacing {tuple(round(s, 6) for s in image.GetSpacing())}, origin "
+        f"{tuple(round(o, 4) for o in image.GetOrigin())}"
+    )
+
+
 def check_pair(
     fixed: sitk.Image, moving: sitk.Image, fixed_name: str = "fixed image", moving_name: str = "moving image"
 ) -> None:
@@ -246,17 +254,6 @@ def physical_points(image: sitk.Image, rows: slice | None = None) -> np.ndarray:
         image.GetSpacing()
     )
     return index @ matrix.T + np.asarray(image.GetOrigin())
-
-
-def embed_field(u: np.ndarray, image: sitk.Image) -> np.ndarray:
-    """Working-axes voxel field ``(n_work, *S_work)`` -> full field ``(dim, *array_shape)`` with
-    zero displacement along a collapsed single-slice axis."""
-    shape = sitk.GetArrayViewFromImage(image).shape
-    axes = working_axes(image)
-    full = np.zeros((len(shape), *shape), dtype=np.float64)
-    for channel, axis in enumerate(axes):
-        full[axis] = np.asarray(u[channel], dtype=np.float64).reshape(shape)
-    return full
 
 
 #: voxels converted at a time by :func:`displacement_image` (bounds its float64 temporaries)

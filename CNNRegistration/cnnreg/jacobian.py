@@ -1,6 +1,6 @@
 """Jacobian of the mapping ``x -> x + u(x)``: determinant map, folding, SDlogJ.
 
-``u`` is ``(N, ndim, *S)`` in voxels (:mod:`cnnreg.conventions`).  The determinant of
+``u`` is ``(N, ndim, *S)`` in voxels (:mod:`cnnreg.settings`).  The determinant of
 ``I + grad u`` is dimensionless and the same whether computed in voxel or physical units
 (the grid's spacing/direction cancel in the similarity transform), so it is computed on
 voxel indices.

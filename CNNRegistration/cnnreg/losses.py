@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from .conventions import Similarity, choices
 from .errors import InputError
+from .settings import Similarity, as_choice
 from .spatial import filter_axis, gaussian_smooth
 
 
@@ -163,10 +163,7 @@ _MEASURES: dict[Similarity, tuple[Callable[..., torch.Tensor], Callable[[torch.T
 
 
 def _measure(name: Similarity | str):
-    try:
-        return _MEASURES[Similarity(name)]
-    except ValueError:
-        raise InputError(f"unknown similarity {name!r}; choose one of {choices(Similarity)}") from None
+    return _MEASURES[as_choice(name, Similarity, "similarity")]
 
 
 def similarity_value(
@@ -188,5 +185,14 @@ def similarity_loss(
 
 def similarity_options(name: Similarity | str, window: int) -> dict:
     """Keyword options a measure understands from the generic settings (the LNCC window)."""
-    _measure(name)  # InputError for unknown names
-    return {"window": window} if Similarity(name) is Similarity.LNCC else {}
+    return {"window": window} if as_choice(name, Similarity, "similarity") is Similarity.LNCC else {}
+
+
+def similarity_loss_function(
+    name: Similarity | str, window: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``(fixed, warped, mask) -> loss`` of the named measure (:func:`similarity_loss`), looked up
+    once: for loops that evaluate it every iteration."""
+    function, to_loss = _measure(name)
+    options = similarity_options(name, window)
+    return lambda fixed, warped, mask=None: to_loss(function(fixed, warped, mask, **options))

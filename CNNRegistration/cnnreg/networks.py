@@ -1,7 +1,7 @@
 """Registration networks (2D and 3D).
 
 A network maps the pair ``cat([moving, fixed], dim=1)`` ``(N, 2, *S)`` to a displacement
-``(N, ndim, *S)`` in voxels of the input grid (:mod:`cnnreg.conventions`: channel ``c`` is
+``(N, ndim, *S)`` in voxels of the input grid (:mod:`cnnreg.settings`: channel ``c`` is
 the displacement along tensor axis ``c``, it pulls the moving image).  Each network keeps
 the keyword arguments it was built with in ``self.config`` so a checkpoint can rebuild it
 (:func:`build_network`, :mod:`cnnreg.checkpoint`).
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .spatial import compose, resize_field, warp
+from .spatial import compose, integrate_velocity, resize_field, warp
 
 
 def _conv(ndim: int):
@@ -142,25 +142,6 @@ def parameter_count(network: nn.Module) -> int:
 
 def _conv_transpose(ndim: int):
     return nn.ConvTranspose3d if ndim == 3 else nn.ConvTranspose2d
-
-
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Displacement of the flow of a stationary velocity field by scaling and squaring.
-
-    ``u = v / 2^steps``, then ``steps`` times ``u <- u o u`` (:func:`cnnreg.spatial.compose`).
-    The result is (up to interpolation) a diffeomorphism; integrating ``-v`` gives its inverse.
-
-    Args:
-        velocity: ``(N, ndim, *S)`` in voxels of its grid.
-        steps: squaring steps (7 -> 128 sub-steps).
-
-    Returns:
-        ``(N, ndim, *S)`` displacement in voxels.
-    """
-    u = velocity / (2**steps)
-    for _ in range(steps):
-        u = compose(u, u)
-    return u
 
 
 class RegistrationNetwork(nn.Module):

@@ -10,94 +10,26 @@ optimised:
   no training data).
 
 Images are ``(1, 1, *S)`` float tensors, normalised; the result is ``u`` ``(1, ndim, *S)``
-in voxels of the fixed grid (:mod:`cnnreg.conventions`).
+in voxels of the fixed grid (:mod:`cnnreg.settings`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from .conventions import Regularizer, Similarity, SimilarityInterpolation
 from .errors import InputError
-from .losses import similarity_loss, similarity_options
+from .losses import similarity_loss_function
 from .networks import VoxelMorphNet
-from .regularizers import negative_jacobian, regularization
+from .regularizers import negative_jacobian, regularizer_function
+from .settings import CNN_LEARNING_RATE, DENSE_LEARNING_RATES, Interpolation, Mode, OptimizationSettings, Optimizer
 from .spatial import bspline_coefficients, gaussian_smooth, resize_field, resize_image, warp, warp_bspline
 
 ProgressCallback = Callable[[dict], None]
-
-
-@dataclass
-class OptimizationSettings:
-    """Settings of the iterative modes.
-
-    Attributes:
-        similarity, regularizer, weight: loss = similarity loss + weight x regularizer.
-        jacobian_weight: weight of the negative-Jacobian penalty mean(max(0, -det J)) (FAIM),
-            added on top of the regularizer to discourage folding; 0 = off.
-        window: LNCC window in voxels (odd).
-        levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
-        iterations: iterations per level, coarse to fine (one number = every level); None =
-            the mode's default (:data:`DEFAULT_ITERATIONS`).
-        learning_rate: optimiser step; None = the default of the mode and optimiser
-            (:data:`DENSE_LEARNING_RATES` for a dense field, 1e-3 for the CNN weights).
-        field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
-        control_spacing: dense-field modes optimise the update on a control grid with this
-            spacing in voxels of the fixed grid (interpolated linearly; 1 = every voxel).
-        final_learning_rate: fraction of the learning rate reached at the end of each level
-            (cosine decay; 1 = constant).  Adam's steps do not shrink by themselves, so
-            without decay a dense field keeps jittering by about one step.
-        patience, tolerance: stop a level when the loss has not improved by ``tolerance``
-            (relative) for ``patience`` iterations.
-        interpolation: how the similarity term samples the moving image, ``"linear"`` or
-            ``"cubic"`` (B-spline).  Linear interpolation blurs by an amount that depends on the
-            sub-voxel part of ``x + u(x)`` (none at whole voxels, most half-way), so a blurred
-            moving image is matched best by shifts that land near whole voxels: a bias of a
-            few tenths of a voxel.  The cubic B-spline hardly has this bias (TRE on mni2mm
-            0.44 -> 0.28 mm), at about 3x the cost per warp.
-        features: width of the phantom CNN (:func:`phantom_network`).
-        max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
-            upsampled to the fixed grid (bounds memory on large images).
-    """
-
-    similarity: Similarity | str = Similarity.LNCC
-    regularizer: Regularizer | str = Regularizer.DIFFUSION
-    weight: float = 1.0
-    jacobian_weight: float = 1.0
-    window: int = 5
-    levels: int = 3
-    iterations: Sequence[int] | int | None = None
-    learning_rate: float | None = None
-    field_smoothing: float = 1.0
-    control_spacing: float = 4.0
-    final_learning_rate: float = 0.1
-    optimizer: str = "global-adam"
-    patience: int = 20
-    tolerance: float = 1e-4
-    interpolation: SimilarityInterpolation | str = SimilarityInterpolation.LINEAR
-    features: int = 16
-    max_cnn_voxels: int = 2**21
-
-    def iterations_per_level(self, levels: int, mode: str = "instance") -> list[int]:
-        """Iterations of each of ``levels`` levels, coarse to fine (``mode`` gives the default)."""
-        iterations = DEFAULT_ITERATIONS[mode] if self.iterations is None else self.iterations
-        if isinstance(iterations, int):
-            return [iterations] * levels
-        values = list(iterations)
-        if len(values) < levels:  # pad at the coarse end with the first value
-            values = [values[0]] * (levels - len(values)) + values
-        return values[-levels:]
-
-
-#: iterations per pyramid level, coarse to fine, when none are given (Python API, command
-#: line and the Slicer module alike)
-DEFAULT_ITERATIONS = {"instance": (100, 60, 30), "phantom": (200, 100, 50)}
 
 
 def pyramid_shapes(shape: Sequence[int], levels: int, min_size: int = 16) -> list[tuple[int, ...]]:
@@ -121,13 +53,6 @@ def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
     return tuple(max(2, int(n * factor)) for n in shape)
 
 
-#: default step of each dense-field optimiser: voxels per step for an RMS-sized gradient
-#: (global-adam), per element (adam), largest voxel step (greedy).  On MNI152 at 2 mm
-#: (scripts/benchmark, case mni2mm) global-adam at 0.05 reaches a lower loss than at 0.25,
-#: whose first steps overshoot at every level change (the loss rose for ~10 iterations).
-DENSE_LEARNING_RATES = {"global-adam": 0.05, "adam": 0.02, "greedy": 0.25}
-
-
 class GlobalAdam(torch.optim.Optimizer):
     """Adam with one second-moment estimate per parameter tensor instead of per element.
 
@@ -140,7 +65,7 @@ class GlobalAdam(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float = DENSE_LEARNING_RATES["global-adam"],
+        lr: float = DENSE_LEARNING_RATES[Optimizer.GLOBAL_ADAM],
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-12,
     ):
@@ -171,7 +96,7 @@ class GreedyFluid(torch.optim.Optimizer):
     fluid-like regularisation of each update) and scaled so that the largest step of any
     voxel is ``lr`` voxels.  Use with a small or zero penalty on the total field."""
 
-    def __init__(self, params, lr: float = DENSE_LEARNING_RATES["greedy"], sigma: float = 3.0):
+    def __init__(self, params, lr: float = DENSE_LEARNING_RATES[Optimizer.GREEDY], sigma: float = 3.0):
         super().__init__(params, dict(lr=lr, sigma=sigma))
 
     @torch.no_grad()
@@ -186,7 +111,7 @@ class GreedyFluid(torch.optim.Optimizer):
 
 
 #: optimisers of a dense field (the phantom CNN's weights always use Adam)
-OPTIMIZERS = {"global-adam": GlobalAdam, "adam": torch.optim.Adam, "greedy": GreedyFluid}
+OPTIMIZERS = {Optimizer.GLOBAL_ADAM: GlobalAdam, Optimizer.ADAM: torch.optim.Adam, Optimizer.GREEDY: GreedyFluid}
 
 
 class DenseField(nn.Module):
@@ -235,7 +160,6 @@ class CNNField(nn.Module):
     between training and evaluation.
     """
 
-    default_learning_rate = 1e-3
     head_factor = 5.0
 
     def __init__(self, network: VoxelMorphNet, base: torch.Tensor, smoothing: float = 0.0):
@@ -261,27 +185,30 @@ class CNNField(nn.Module):
 def moving_sampler(settings: OptimizationSettings, moving: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``u -> moving(x + u(x))`` with the settings' interpolation; ``moving`` ``(N, C, *S)`` is
     prefiltered once here for the cubic B-spline."""
-    if SimilarityInterpolation(settings.interpolation) is SimilarityInterpolation.CUBIC:
+    if settings.interpolation is Interpolation.CUBIC:
         coefficients = bspline_coefficients(moving)
         return lambda u: warp_bspline(coefficients, u)
     return lambda u: warp(moving, u)
 
 
-def _loss_terms(
+def loss_function(
     settings: OptimizationSettings,
-    fixed: torch.Tensor,
-    warp_moving: Callable[[torch.Tensor], torch.Tensor],
-    u: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    warped = warp_moving(u)
-    options = similarity_options(settings.similarity, settings.window)
-    sim = similarity_loss(settings.similarity, fixed, warped, mask, **options)
-    reg = regularization(settings.regularizer, u)
-    total = sim + settings.weight * reg
-    if settings.jacobian_weight > 0:
-        total = total + settings.jacobian_weight * negative_jacobian(u)
-    return total, sim, reg
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(fixed, warp_moving, u, mask) -> (total, similarity loss, regularization)`` of the
+    settings' loss; the measure and the regularizer are looked up once, here."""
+    similarity = similarity_loss_function(settings.similarity, settings.window)
+    regularizer = regularizer_function(settings.regularizer)
+    weight, jacobian_weight = settings.weight, settings.jacobian_weight
+
+    def loss_terms(fixed, warp_moving, u, mask):
+        sim = similarity(fixed, warp_moving(u), mask)
+        reg = regularizer(u)
+        total = sim + weight * reg
+        if jacobian_weight > 0:
+            total = total + jacobian_weight * negative_jacobian(u)
+        return total, sim, reg
+
+    return loss_terms
 
 
 def _cosine_decay(step: int, steps: int, final: float) -> float:
@@ -299,7 +226,7 @@ def run_pyramid(
     callback: ProgressCallback | None = None,
     learning_rate: float = 1e-3,
     stage: str = "",
-    mode: str = "instance",
+    mode: Mode = Mode.INSTANCE,
 ) -> torch.Tensor:
     """Coarse-to-fine optimisation of ``make_model(base)`` over the grid ``shapes``.
 
@@ -318,6 +245,7 @@ def run_pyramid(
         ``u`` ``(1, ndim, *shapes[-1])`` in voxels of the finest level's grid.
     """
     iterations = settings.iterations_per_level(len(shapes), mode)
+    loss_terms = loss_function(settings)
     total_iterations = sum(iterations)
     done_iterations = 0
     ndim = fixed.dim() - 2
@@ -330,7 +258,7 @@ def run_pyramid(
         base = resize_field(u, shape)
         model = make_model(base)
         model.train()
-        if isinstance(model, DenseField) and settings.optimizer == "greedy":
+        if isinstance(model, DenseField) and settings.optimizer is Optimizer.GREEDY:
             optimizer = GreedyFluid(model.parameters(), lr=learning_rate, sigma=settings.field_smoothing)
         elif isinstance(model, DenseField):
             optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=learning_rate)
@@ -343,7 +271,7 @@ def run_pyramid(
         for iteration in range(level_iterations):
             optimizer.zero_grad(set_to_none=True)
             u_level = model(fixed_level, moving_level)
-            total, sim, reg = _loss_terms(settings, fixed_level, warp_moving, u_level, mask_level)
+            total, sim, reg = loss_terms(fixed_level, warp_moving, u_level, mask_level)
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}"
@@ -397,7 +325,7 @@ def optimize_field(
     ``levels`` overrides ``settings.levels`` (refinement after a learned prediction uses 1).
     """
     shapes = pyramid_shapes(fixed.shape[2:], levels or settings.levels)
-    smoothing = 0.0 if settings.optimizer == "greedy" else settings.field_smoothing  # greedy smooths each step
+    smoothing = 0.0 if settings.optimizer is Optimizer.GREEDY else settings.field_smoothing  # greedy smooths each step
 
     def make_field(base: torch.Tensor) -> DenseField:
         control = None
@@ -451,7 +379,7 @@ def optimize_cnn(
         shapes,
         mask=mask,
         callback=callback,
-        learning_rate=settings.learning_rate or CNNField.default_learning_rate,
-        mode="phantom",
+        learning_rate=settings.learning_rate or CNN_LEARNING_RATE,
+        mode=Mode.PHANTOM,
     )
     return resize_field(u, fixed.shape[2:])

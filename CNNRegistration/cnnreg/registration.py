@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,76 +28,13 @@ import torch
 
 from . import image as im
 from . import outputs
-from .conventions import Interpolation, Mode, Normalization, Regularizer, Similarity, SimilarityInterpolation, choices
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import DeviceError, InputError
 from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_options, similarity_value
-from .optimize import (
-    DEFAULT_ITERATIONS,
-    OPTIMIZERS,
-    OptimizationSettings,
-    ProgressCallback,
-    optimize_cnn,
-    optimize_field,
-)
+from .optimize import ProgressCallback, optimize_cnn, optimize_field
+from .settings import OUTPUT_FILES, Interpolation, Mode, OptimizationSettings, RegistrationSettings, as_schedule
 from .spatial import warp
-
-OUTPUT_FILES = {
-    "warped": "warped.nii.gz",
-    "displacement": "displacement.nii.gz",
-    "warped_labels": "warped_labels.nii.gz",
-    "jacobian": "jacobian.nii.gz",
-    "summary": "summary.json",
-    "qc": "qc.png",
-}
-
-
-@dataclass
-class RegistrationSettings:
-    """Everything that defines a registration run (see :class:`OptimizationSettings` for the loss)."""
-
-    mode: Mode | str = Mode.INSTANCE
-    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
-    device: str = "auto"
-    seed: int | None = 0
-    normalization: Normalization | str = Normalization.MAX
-    affine: bool = False
-    model: str | None = None  # learned modes: weights file (None = the shipped weights)
-    # learned-refine: dense-field iterations after the prediction, at full resolution (a number)
-    # or per pyramid level, coarse to fine (a list: as many levels as entries)
-    refine_iterations: int | Sequence[int] = 50
-
-    def validate(self) -> None:
-        opt = self.optimization
-        for value, enum_type, what in (
-            (self.mode, Mode, "mode"),
-            (self.normalization, Normalization, "normalization"),
-            (opt.similarity, Similarity, "similarity"),
-            (opt.regularizer, Regularizer, "regularizer"),
-            (opt.interpolation, SimilarityInterpolation, "interpolation"),
-        ):
-            try:
-                enum_type(value)
-            except ValueError:
-                raise InputError(f"unknown {what} {value!r}; choose one of {choices(enum_type)}") from None
-        if opt.optimizer not in OPTIMIZERS:
-            raise InputError(f"unknown optimizer {opt.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if opt.learning_rate is not None and not opt.learning_rate > 0:
-            raise InputError(f"learning rate must be > 0, got {opt.learning_rate}")
-        if opt.features < 1:
-            raise InputError(f"the phantom-mode U-Net needs at least 1 feature, got {opt.features}")
-        if opt.window < 1 or opt.window % 2 == 0:
-            raise InputError(f"LNCC window must be a positive odd number of voxels, got {opt.window}")
-        if opt.control_spacing < 1:
-            raise InputError(f"control spacing must be >= 1 voxel, got {opt.control_spacing}")
-        if opt.weight < 0 or opt.jacobian_weight < 0:
-            raise InputError(f"regularization weights must be >= 0, got {opt.weight} and {opt.jacobian_weight}")
-        for what, schedule in (("iterations", opt.iterations), ("refine iterations", self.refine_iterations)):
-            if schedule is not None and (not as_schedule(schedule) or min(as_schedule(schedule)) < 0):
-                raise InputError(f"{what} must be >= 0, got {schedule}")
-        if opt.levels < 1:
-            raise InputError(f"levels must be >= 1, got {opt.levels}")
 
 
 @dataclass
@@ -114,22 +51,17 @@ class RegistrationResult:
     moving_on_fixed: sitk.Image | None = None
 
 
-def as_schedule(iterations: int | Sequence[int]) -> list[int]:
-    """Iterations as a list per level (one number = one level)."""
-    return [iterations] if isinstance(iterations, int) else list(iterations)
-
-
 #: peak memory per voxel of the fixed grid, bytes, by mode, with a margin: measured on CPU at
 #: 96^3 (instance 776 MiB peak, ~450 MiB above the process's imports) and 160x192x224
 #: (phantom 3.5 GiB); on top of it the imports (BASELINE_BYTES) and the images as read.
-BYTES_PER_VOXEL = {"instance": 700, "phantom": 700, "learned": 300, "learned-refine": 700}
+BYTES_PER_VOXEL = {Mode.INSTANCE: 700, Mode.PHANTOM: 700, Mode.LEARNED: 300, Mode.LEARNED_REFINE: 700}
 BASELINE_BYTES = 600 * 2**20
 
 
-def estimate_memory_bytes(fixed_size: Sequence[int], moving_size: Sequence[int], mode: str) -> int:
+def estimate_memory_bytes(fixed_size: Sequence[int], moving_size: Sequence[int], mode: Mode | str) -> int:
     """Rough peak memory of a CPU run (bytes) from the image sizes alone."""
     fixed_voxels, moving_voxels = int(np.prod(fixed_size)), int(np.prod(moving_size))
-    return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode).value] * fixed_voxels + 16 * moving_voxels
+    return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode)] * fixed_voxels + 16 * moving_voxels
 
 
 def check_memory(fixed_size: Sequence[int], moving_size: Sequence[int], settings: RegistrationSettings) -> int:
@@ -138,14 +70,15 @@ def check_memory(fixed_size: Sequence[int], moving_size: Sequence[int], settings
     the machine has available (CPU runs); returns the estimate in bytes."""
     from .device import available_memory_bytes
 
-    needed = estimate_memory_bytes(fixed_size, moving_size, Mode(settings.mode).value)
+    settings.validate()
+    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
         raise DeviceError(
             f"this run needs about {needed / 2**30:.1f} GiB of memory (a {'x'.join(map(str, fixed_size))} fixed grid, "
-            f"{'x'.join(map(str, moving_size))} moving, {Mode(settings.mode).value} mode) but only "
+            f"{'x'.join(map(str, moving_size))} moving, {settings.mode.value} mode) but only "
             f"{available / 2**30:.1f} GiB are available; crop or resample the images"
-            + (", or lower --max-cnn-voxels" if Mode(settings.mode) is Mode.PHANTOM else "")
+            + (", or lower --max-cnn-voxels" if settings.mode is Mode.PHANTOM else "")
         )
     return needed
 
@@ -178,7 +111,7 @@ def _estimate_field(
     mask: torch.Tensor | None,
     callback: ProgressCallback | None,
 ) -> torch.Tensor:
-    mode = Mode(settings.mode)
+    mode = settings.mode
     opt = settings.optimization
     if mode is Mode.PHANTOM:
         return optimize_cnn(fixed, moving, opt, mask=mask, callback=callback)
@@ -202,17 +135,6 @@ def _measure(opt: OptimizationSettings, fixed: torch.Tensor, warped: torch.Tenso
         return float(
             similarity_value(opt.similarity, fixed, warped, mask, **similarity_options(opt.similarity, opt.window))
         )
-
-
-def _iterations_run(settings: RegistrationSettings) -> int | list[int]:
-    """Iterations the mode runs: per level (phantom, instance), refinement steps, or 0 (learned)."""
-    mode = Mode(settings.mode)
-    if mode is Mode.LEARNED:
-        return 0
-    if mode is Mode.LEARNED_REFINE:
-        return settings.refine_iterations
-    iterations = settings.optimization.iterations
-    return DEFAULT_ITERATIONS[mode.value] if iterations is None else iterations
 
 
 def register(
@@ -279,20 +201,19 @@ def register(
             callback(event)
 
     with out_of_memory_as_device_error(
-        device, f"{Mode(settings.mode).value} registration of a {tuple(fixed_t.shape[2:])} grid"
+        device, f"{settings.mode.value} registration of a {tuple(fixed_t.shape[2:])} grid"
     ):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, record)
         check_field_length(u)
         # zeros outside and the same interpolation, as in warped.nii.gz
-        interpolation = SimilarityInterpolation(opt.interpolation).value
-        after = _measure(opt, fixed_t, warp(moving_t, u, interpolation, padding="zeros"), mask_t)
+        after = _measure(opt, fixed_t, warp(moving_t, u, opt.interpolation, padding="zeros"), mask_t)
     elapsed = time.perf_counter() - start
     # the outputs need only u: free the working images first, and keep u in float32 (its own
     # precision) -- the field conversion and det J run in float64 slab by slab
     del fixed_t, moving_t, mask_t, fixed_array, moving_array
     u = u.detach().to("cpu")
     field_image = im.displacement_image(u[0].numpy(), fixed, pre_transform)
-    warped = im.apply_displacement(moving, field_image, reference=fixed, interpolation=Interpolation(interpolation))
+    warped = im.apply_displacement(moving, field_image, reference=fixed, interpolation=opt.interpolation)
     warped_labels = None
     if moving_labels is not None:
         warped_labels = im.apply_displacement(
@@ -309,19 +230,19 @@ def register(
         )
 
     summary = {
-        "mode": Mode(settings.mode).value,
-        "similarity": str(getattr(opt.similarity, "value", opt.similarity)),
-        "regularizer": str(getattr(opt.regularizer, "value", opt.regularizer)),
+        "mode": settings.mode.value,
+        "similarity": opt.similarity.value,
+        "regularizer": opt.regularizer.value,
         "weight": opt.weight,
         "jacobian_weight": opt.jacobian_weight,
         "levels": len(ran),
         "iterations": list(ran.values()),
-        "iterations_requested": _iterations_run(settings),
+        "iterations_requested": settings.iterations_requested(),
         "device": describe_device(device),
         "seed": settings.seed,
         "affine": settings.affine,
-        "normalization": Normalization(settings.normalization).value,
-        "interpolation": interpolation,
+        "normalization": settings.normalization.value,
+        "interpolation": opt.interpolation.value,
         "seconds": round(elapsed, 3),
         "similarity_before": before,
         "similarity_after": after,

@@ -6,11 +6,12 @@ the image size.  Derivatives are finite differences on voxel indices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .conventions import Regularizer, choices
-from .errors import InputError
 from .jacobian import jacobian_determinant
+from .settings import Regularizer, as_choice
 
 
 def diffusion(u: torch.Tensor) -> torch.Tensor:
@@ -60,13 +61,14 @@ _REGULARIZERS = {
 }
 
 
+def regularizer_function(name: Regularizer | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The named regularizer as a function of ``u`` (unweighted); InputError for unknown names."""
+    return _REGULARIZERS[as_choice(name, Regularizer, "regularizer")]
+
+
 def regularization(name: Regularizer | str, u: torch.Tensor) -> torch.Tensor:
     """The named regularizer of ``u`` (unweighted)."""
-    try:
-        function = _REGULARIZERS[Regularizer(name)]
-    except ValueError:
-        raise InputError(f"unknown regularizer {name!r}; choose one of {choices(Regularizer)}") from None
-    return function(u)
+    return regularizer_function(name)(u)
 
 
 __all__ = [
@@ -74,5 +76,6 @@ __all__ = [
     "diffusion",
     "negative_jacobian",
     "regularization",
+    "regularizer_function",
     "total_variation",
 ]

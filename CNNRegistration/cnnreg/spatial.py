@@ -1,6 +1,6 @@
 """Spatial transformer: identity grids, warping, composition, resizing, unit conversion.
 
-All fields follow :mod:`cnnreg.conventions`: ``u`` is ``(N, ndim, *spatial)`` in voxels of
+All fields follow :mod:`cnnreg.settings`: ``u`` is ``(N, ndim, *spatial)`` in voxels of
 the grid it lives on, channel order = spatial tensor axis order, and it pulls:
 ``warped(x) = moving(x + u(x))``.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .conventions import LPS_TO_RAS_SIGNS
+from .settings import Interpolation
 
 
 def _check_field(u: torch.Tensor) -> int:
@@ -68,10 +68,13 @@ def _sampling_grid(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.stack(components, dim=-1)
 
 
+_GRID_SAMPLE_MODES = {Interpolation.LINEAR: "bilinear", Interpolation.NEAREST: "nearest", Interpolation.CUBIC: "cubic"}
+
+
 def warp(
     image: torch.Tensor,
     u: torch.Tensor,
-    interpolation: str = "linear",
+    interpolation: Interpolation | str = Interpolation.LINEAR,
     padding: str = "border",
 ) -> torch.Tensor:
     """Pull ``image`` through the displacement ``u``: ``out(x) = image(x + u(x))``.
@@ -80,7 +83,7 @@ def warp(
         image: ``(N, C, *S_in)``; may be on a different grid size than ``u`` only if both
             grids share voxel coordinates (rarely what you want; normally ``S_in == S``).
         u: ``(N, ndim, *S)`` displacement in voxels of ``image``'s grid, channel order = axes.
-        interpolation: ``"linear"``, ``"nearest"`` or ``"cubic"`` (cubic B-spline: the image
+        interpolation: linear, nearest or cubic (:class:`cnnreg.settings.Interpolation`; cubic B-spline: the image
             is prefiltered by :func:`bspline_coefficients` on every call; to sample one image
             many times, prefilter once and call :func:`warp_bspline`).
         padding: ``"border"`` (repeat edge), ``"zeros"`` or ``"reflection"`` outside the image
@@ -93,9 +96,12 @@ def warp(
     ndim = _check_field(u)
     if image.dim() != ndim + 2:
         raise ValueError(f"image {tuple(image.shape)} and displacement {tuple(u.shape)} differ in dimension")
-    mode = {"linear": "bilinear", "nearest": "nearest", "cubic": "cubic"}.get(interpolation)
-    if mode is None:
-        raise ValueError(f"unknown interpolation {interpolation!r}; use 'linear', 'nearest' or 'cubic'")
+    try:
+        mode = _GRID_SAMPLE_MODES[Interpolation(interpolation)]
+    except ValueError:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; use one of {[i.value for i in Interpolation]}"
+        ) from None
     if not u.requires_grad and image.shape[2:] == u.shape[2:] and not bool(u.any()):
         return image.clone()  # the identity, exactly (grid_sample's float rounding would blur it)
     if mode == "cubic":
@@ -311,6 +317,25 @@ def compose(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v + warp(u, v, padding="border")
 
 
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Displacement of the flow of a stationary velocity field by scaling and squaring.
+
+    ``u = v / 2^steps``, then ``steps`` times ``u <- u o u`` (:func:`compose`).
+    The result is (up to interpolation) a diffeomorphism; integrating ``-v`` gives its inverse.
+
+    Args:
+        velocity: ``(N, ndim, *S)`` in voxels of its grid.
+        steps: squaring steps (7 -> 128 sub-steps).
+
+    Returns:
+        ``(N, ndim, *S)`` displacement in voxels.
+    """
+    u = velocity / (2**steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
 def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Resample a voxel displacement to another grid covering the same field of view.
 
@@ -439,10 +464,3 @@ def lps_to_voxel(d: np.ndarray, spacing: Sequence[float], direction: Sequence[fl
     matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim) @ np.diag(np.asarray(spacing, float))
     u_ijk = np.asarray(d, dtype=np.float64) @ np.linalg.inv(matrix).T
     return np.moveaxis(u_ijk, -1, 0)[::-1].copy()
-
-
-def lps_to_ras(vectors: np.ndarray) -> np.ndarray:
-    """Flip the first two world components of 3D vectors ``(..., 3)`` (LPS <-> RAS; its own inverse)."""
-    if vectors.shape[-1] != 3:
-        raise ValueError(f"LPS/RAS conversion needs 3-component vectors, got {vectors.shape[-1]}")
-    return vectors * np.asarray(LPS_TO_RAS_SIGNS, dtype=vectors.dtype)

@@ -17,7 +17,7 @@ is made from one *source* (a real image with a label map on the working grid):
    :func:`cnnreg.augment.augment_intensity`).
 
 The pair carries its true field (``PairBatch.true_field``, voxels, pulling the moving image
-onto the fixed one, :mod:`cnnreg.conventions`) and a foreground mask of the fixed image, for
+onto the fixed one, :mod:`cnnreg.settings`) and a foreground mask of the fixed image, for
 the supervised warm-up loss of :mod:`cnnreg.train`.  Every draw comes from an explicit CPU
 ``torch.Generator``.
 """
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugmentSettings, PairBatch, Sample, augment_intensity, coarse_noise, uniform
-from .networks import integrate_velocity
-from .spatial import gaussian_smooth, warp
+from .spatial import gaussian_smooth, integrate_velocity, warp
 
 
 @dataclass

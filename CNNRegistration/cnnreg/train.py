@@ -3,7 +3,7 @@
 Command line: :mod:`cnnreg.train_cli` (``python -m cnnreg train``).  As a function: :func:`train` on in-memory :class:`cnnreg.augment.Sample` lists, or
 :func:`train_from_files`.
 
-Loss per pair (``u`` on the fixed grid, voxels; :mod:`cnnreg.conventions`)::
+Loss per pair (``u`` on the fixed grid, voxels; :mod:`cnnreg.settings`)::
 
     similarity_loss(fixed, warp(moving, u))                       (default LNCC, 9-voxel window)
     + weight x regularization(u)                                  (default diffusion)
@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from . import image as im
 from .augment import AugmentSettings, PairBatch, PairSampler, Sample, validation_pairs
 from .checkpoint import load_checkpoint, plain, save_checkpoint
-from .conventions import Normalization, Regularizer, Similarity, choices
 from .dataset import expand_paths, index_labels, make_sample
 from .device import describe_device, seed_everything
 from .distributed import Distributed, all_reduce_sum, init_distributed
@@ -61,6 +60,7 @@ from .jacobian import folding_fraction, jacobian_determinant
 from .losses import similarity_loss, similarity_options
 from .networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
 from .regularizers import negative_jacobian, regularization
+from .settings import Normalization, Regularizer, Similarity, choices
 from .spatial import compose, warp
 from .synth import SynthPairSampler, SynthSettings
 

@@ -19,9 +19,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .conventions import Normalization, Regularizer, Similarity, choices
 from .distributed import init_distributed
 from .errors import InputError
+from .progress import ProgressReporter, add_progress_argument
+from .settings import Normalization, Regularizer, Similarity, choices
 from .train import DEFAULT_WORKING_SHAPE, TrainSettings, output_paths, settings_from_dict, train_from_files
 
 
@@ -88,7 +89,6 @@ def _shape(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_progress_argument
 
     parser.add_argument(
         "--images", nargs="+", help="training images: folders, list files (.txt, one path a line) or files"
@@ -147,7 +147,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import ProgressReporter
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,10 +15,9 @@ import SimpleITK as sitk
 
 from cnnreg import image as im
 from cnnreg.atlas import build_atlas, winning_labels
-from cnnreg.cli import EXIT_INPUT, main
+from cnnreg.cli import main
 from cnnreg.errors import InputError
-from cnnreg.optimize import OptimizationSettings
-from cnnreg.registration import RegistrationSettings
+from cnnreg.settings import EXIT_INPUT, OptimizationSettings, RegistrationSettings
 
 SIZE = 32
 SHIFT = 3.0  # mm (= voxels): the two subjects sit at +SHIFT and -SHIFT along x

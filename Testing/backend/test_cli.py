@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cnnreg.cli import EXIT_DEVICE, EXIT_INPUT, main
-from cnnreg.registration import OUTPUT_FILES
+from cnnreg.cli import main
+from cnnreg.settings import EXIT_DEVICE, EXIT_INPUT, OUTPUT_FILES
 
 SUMMARY_KEYS = {
     "mode",
@@ -419,23 +419,48 @@ def test_cli_does_not_import_slicer_vtk_or_qt(subprocess_env):
 
 
 @pytest.mark.parametrize("mode", ["instance", "phantom", "learned", "learned-refine"])
-def test_python_api_and_command_line_defaults_agree(mode):
-    from cnnreg.cli import build_parser, settings_from_args
-    from cnnreg.registration import RegistrationSettings
+@pytest.mark.parametrize("command", ["register", "atlas"])
+def test_python_api_and_command_line_defaults_agree(mode, command):
+    from cnnreg.cli import build_parser
+    from cnnreg.settings import DEFAULT_ITERATIONS, Mode, RegistrationSettings, settings_from_args
 
     parser, _ = build_parser()
-    args = parser.parse_args(["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", "o", "--mode", mode])
-    assert settings_from_args(args) == RegistrationSettings(mode=mode)
+    inputs = {
+        "register": ["--fixed", "f.nii", "--moving", "m.nii", "--out", "o"],
+        "atlas": ["--images", "a.nii", "b.nii", "--out", "o"],
+    }[command]
+    args = parser.parse_args([command, *inputs, "--mode", mode])
+    from_command_line, from_python = settings_from_args(args), RegistrationSettings(mode=mode)
+    assert from_command_line == from_python
+    assert from_command_line.mode is Mode(mode)  # strings became enums, once
+    assert from_command_line.iterations_requested() == from_python.iterations_requested()
     if mode in ("instance", "phantom"):
-        from cnnreg.optimize import DEFAULT_ITERATIONS
+        assert from_python.iterations_requested() == list(DEFAULT_ITERATIONS[Mode(mode)])
 
-        settings = settings_from_args(args).optimization
-        assert settings.iterations_per_level(3, mode) == list(DEFAULT_ITERATIONS[mode])
+
+def test_settings_survive_the_command_line():
+    """command_line_arguments (what the Slicer module runs) parses back to the same settings."""
+    from cnnreg.cli import build_parser
+    from cnnreg.settings import OptimizationSettings, RegistrationSettings, command_line_arguments, settings_from_args
+
+    parser, _ = build_parser()
+    inputs = ["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", "o"]
+    assert command_line_arguments(RegistrationSettings()) == ["--mode", "instance"]
+    changed = RegistrationSettings(
+        mode="learned-refine",
+        seed=7,
+        affine=True,
+        refine_iterations=[30, 15],
+        optimization=OptimizationSettings(similarity="mi", weight=0.25, iterations=(5, 4), interpolation="cubic"),
+    )
+    arguments = command_line_arguments(changed)
+    assert arguments[:2] == ["--mode", "learned-refine"] and "--affine" in arguments
+    assert settings_from_args(parser.parse_args(inputs + arguments)) == changed
 
 
 def test_register_without_mode_is_instance_mode():
     from cnnreg.cli import build_parser
-    from cnnreg.registration import RegistrationSettings
+    from cnnreg.settings import RegistrationSettings
 
     parser, _ = build_parser()
     args = parser.parse_args(["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", "o"])

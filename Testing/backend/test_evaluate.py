@@ -22,9 +22,9 @@ from cnnreg.evaluate import (
     dice_per_label,
     evaluate_registration,
     evaluation_table,
+    field_jacobian_determinant,
     folding_percent,
     hd95_per_label,
-    jacobian_determinant,
     surface_distance_per_label,
     target_registration_error,
 )
@@ -249,7 +249,7 @@ def test_jacobian_of_linear_field_with_oblique_anisotropic_grid():
     # fields).  With M non-diagonal, a filter that ignored the direction would get it wrong.
     matrix = np.array([[0.1, 0.3, 0.0], [0.0, -0.2, 0.0], [0.2, 0.0, 0.05]])
     field = linear_field(matrix, (5, 6, 7), SPACING, OBLIQUE, (10.0, -3.0, 2.0))
-    det = jacobian_determinant(field)
+    det = field_jacobian_determinant(field)
     assert det.shape == (5, 6, 7)
     np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + matrix), rtol=1e-10)
     assert folding_percent(field) == 0.0

@@ -12,11 +12,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cnnreg.cli import EXIT_INPUT, main
+from cnnreg.cli import main
 from cnnreg.errors import InputError
-from cnnreg.evaluate import evaluate_registration, jacobian_determinant, jacobian_statistics
+from cnnreg.evaluate import evaluate_registration, field_jacobian_determinant, jacobian_statistics
 from cnnreg.evaluate_cli import read_label_names
 from cnnreg.jacobian import sdlogj as torch_sdlogj
+from cnnreg.settings import EXIT_INPUT
 
 SHAPE = (10, 10, 10)  # array order (k, j, i)
 SPACING = (1.0, 1.5, 2.0)  # SimpleITK order (s_i, s_j, s_k)
@@ -281,7 +282,7 @@ def test_sdlogj_of_two_linear_regions_and_clipping():
 def test_jacobian_statistics_match_torch_sdlogj_and_evaluate_registration():
     rng = np.random.default_rng(0)
     field = field_image(rng.normal(scale=0.8, size=(*SHAPE, 3)))
-    det = jacobian_determinant(field)
+    det = field_jacobian_determinant(field)
     mask = np.zeros(SHAPE, bool)
     mask[2:8, 1:9, 3:7] = True
     stats = jacobian_statistics(field, mask)

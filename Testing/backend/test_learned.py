@@ -1,6 +1,6 @@
 """Learned mode: networks (FAIM-style, VoxelMorph-style, cascade), checkpoints, predict_field.
 
-Fields are ``(N, ndim, *S)`` in voxels (cnnreg.conventions); networks take ``cat(moving, fixed)``.
+Fields are ``(N, ndim, *S)`` in voxels (cnnreg.settings); networks take ``cat(moving, fixed)``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from cnnreg.checkpoint import (
 from cnnreg.errors import InputError
 from cnnreg.jacobian import jacobian_determinant
 from cnnreg.learned import MODELS_ENV, predict_field
-from cnnreg.networks import CascadeNet, FAIMNet, UNet, VoxelMorphNet, integrate_velocity, parameter_count
-from cnnreg.spatial import compose, resize_field, resize_image, warp
+from cnnreg.networks import CascadeNet, FAIMNet, UNet, VoxelMorphNet, parameter_count
+from cnnreg.spatial import compose, integrate_velocity, resize_field, resize_image, warp
 
 ODD_SHAPES = {2: (21, 27), 3: (13, 17, 11)}
 
@@ -298,7 +298,8 @@ def test_shipped_weights_missing_or_listed(tmp_path, monkeypatch):
 
 
 def test_register_in_learned_mode_uses_the_checkpoint(tmp_path, synth):
-    from cnnreg.registration import RegistrationSettings, register
+    from cnnreg.registration import register
+    from cnnreg.settings import RegistrationSettings
 
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, _perturb(FAIMNet(2), scale=0.01), {"working_shape": (32, 32)})
@@ -310,7 +311,8 @@ def test_register_in_learned_mode_uses_the_checkpoint(tmp_path, synth):
 
 
 def test_learned_refine_runs_the_refinement_per_level_and_improves_the_similarity(tmp_path, synth):
-    from cnnreg.registration import RegistrationSettings, register
+    from cnnreg.registration import register
+    from cnnreg.settings import RegistrationSettings
 
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, _perturb(FAIMNet(2), scale=0.01), {"working_shape": (32, 32)})
@@ -365,7 +367,8 @@ def test_the_shipped_weights_match_their_manifest_and_register_the_sample_pair(m
     from cnnreg.checkpoint import file_sha256
     from cnnreg.evaluate import dice_per_label
     from cnnreg.learned import models_folder
-    from cnnreg.registration import RegistrationSettings, register
+    from cnnreg.registration import register
+    from cnnreg.settings import RegistrationSettings
 
     monkeypatch.delenv(MODELS_ENV, raising=False)
     manifest = models_folder() / "models.json"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cnnreg import losses
-from cnnreg.conventions import Similarity
 from cnnreg.errors import InputError
+from cnnreg.settings import Similarity
 
 
 def _rand(shape, seed=0, dtype=torch.float64):

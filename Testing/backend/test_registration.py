@@ -19,14 +19,9 @@ import torch
 
 from cnnreg import image as im
 from cnnreg.errors import CancelledError, InputError
-from cnnreg.optimize import OptimizationSettings, capped_shape, pyramid_shapes
-from cnnreg.registration import (
-    OUTPUT_FILES,
-    RegistrationSettings,
-    check_output_folder,
-    register,
-    write_result,
-)
+from cnnreg.optimize import capped_shape, pyramid_shapes
+from cnnreg.registration import check_output_folder, register, write_result
+from cnnreg.settings import CNN_LEARNING_RATE, OUTPUT_FILES, OptimizationSettings, RegistrationSettings
 from cnnreg.spatial import lps_to_voxel, voxel_to_lps, warp
 
 SUMMARY_KEYS = {
@@ -585,34 +580,35 @@ def test_fixed_mask_checks(synth):
     [
         ({"mode": "magic"}, "unknown mode 'magic'"),
         ({"normalization": "zscore"}, "unknown normalization"),
-        ({"weight": -1.0}, "weights must be >= 0"),
-        ({"jacobian_weight": -0.1}, "weights must be >= 0"),
-        ({"iterations": (10, -1)}, "iterations must be >= 0"),
-        ({"levels": 0}, "levels must be >= 1"),
-        ({"interpolation": "nearest"}, "unknown interpolation 'nearest'"),
+        ({"weight": -1.0}, "weight: must be >= 0"),
+        ({"jacobian_weight": -0.1}, "jacobian weight: must be >= 0"),
+        ({"iterations": (10, -1)}, "iterations: must be integers >= 0"),
+        ({"levels": 0}, "levels: must be >= 1"),
+        ({"window": 4}, "window: must be odd"),
+        ({"interpolation": "nearest"}, "interpolation 'nearest' cannot sample the moving image"),
+        ({"optimizer": "sgd"}, "unknown optimizer 'sgd'"),
     ],
 )
-def test_register_rejects_bad_settings(synth, changes, message):
-    fixed, moving = _small_pair(synth)
+def test_bad_settings_are_refused_when_made_and_when_changed(synth, changes, message):
+    """Settings are checked on construction, and again by register() after a change."""
     top = {k: v for k, v in changes.items() if k in ("mode", "normalization")}
     optimization = {k: v for k, v in changes.items() if k not in top}
-    settings = RegistrationSettings(device="cpu", optimization=OptimizationSettings(**optimization), **top)
+    with pytest.raises(InputError, match=message):
+        RegistrationSettings(device="cpu", optimization=OptimizationSettings(**optimization), **top)
+    settings = RegistrationSettings(device="cpu", optimization=OptimizationSettings(iterations=1, levels=1))
+    target = settings if top else settings.optimization
+    for name, value in changes.items():
+        setattr(target, name, value)
+    fixed, moving = _small_pair(synth)
     with pytest.raises(InputError, match=message):
         register(fixed, moving, settings)
 
 
-def test_register_rejects_an_unknown_regularizer(synth):
-    fixed, moving = _small_pair(synth)
-    settings = RegistrationSettings(device="cpu", optimization=OptimizationSettings(regularizer="l3", iterations=1))
-    with pytest.raises(InputError, match="unknown regularizer"):
-        register(fixed, moving, settings)
-
-
-def test_register_rejects_an_unknown_similarity(synth):
-    fixed, moving = _small_pair(synth)
-    settings = RegistrationSettings(device="cpu", optimization=OptimizationSettings(similarity="ncc", iterations=1))
-    with pytest.raises(InputError, match="unknown similarity"):
-        register(fixed, moving, settings)
+def test_unknown_regularizer_and_similarity_are_refused():
+    with pytest.raises(InputError, match="unknown regularizer 'l3'"):
+        OptimizationSettings(regularizer="l3")
+    with pytest.raises(InputError, match="unknown similarity 'ncc'"):
+        OptimizationSettings(similarity="ncc")
 
 
 def test_register_rejects_bad_images(synth):
@@ -654,10 +650,10 @@ def test_register_rejects_a_one_dimensional_profile(synth):
 def test_phantom_mode_bad_numbers_give_input_error(synth, options, shape):
     array = synth.blob_array(shape, seed=4)
     fixed, moving = synth.make_image(array), synth.make_image(np.roll(array, 1, axis=0))
-    settings = RegistrationSettings(
-        mode="phantom", device="cpu", optimization=OptimizationSettings(iterations=2, levels=1, **options)
-    )
     with pytest.raises(InputError):
+        settings = RegistrationSettings(
+            mode="phantom", device="cpu", optimization=OptimizationSettings(iterations=2, levels=1, **options)
+        )
         register(fixed, moving, settings)
 
 
@@ -699,7 +695,7 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
     """The phantom CNN starts each level exactly from the previous level's field: the first loss
     of level 2 is the loss of level 1's final field (upsampled) on level 2's grid, and level 2
     then lowers it."""
-    from cnnreg.optimize import CNNField, _loss_terms, moving_sampler, phantom_network, run_pyramid
+    from cnnreg.optimize import CNNField, loss_function, moving_sampler, phantom_network, run_pyramid
     from cnnreg.spatial import resize_field, resize_image
 
     fixed = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["fixed"]))[None, None].float()
@@ -720,7 +716,7 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
             schedule,
             levels,
             callback=lambda e: losses.append((e["stage"], e["loss"])),
-            learning_rate=CNNField.default_learning_rate,
+            learning_rate=CNN_LEARNING_RATE,
         )
         return u, losses
 
@@ -729,8 +725,8 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
     level2 = [loss for stage, loss in losses if stage == "level 2/2"]
     with torch.no_grad():
         fine_fixed, fine_moving = resize_image(fixed, shapes[1]), resize_image(moving, shapes[1])
-        handed_over, _, _ = _loss_terms(
-            settings, fine_fixed, moving_sampler(settings, fine_moving), resize_field(u_coarse, shapes[1]), None
+        handed_over, _, _ = loss_function(settings)(
+            fine_fixed, moving_sampler(settings, fine_moving), resize_field(u_coarse, shapes[1]), None
         )
     assert level2[0] == pytest.approx(float(handed_over), abs=1e-5)
     assert min(level2) < level2[0] - 1e-3

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnreg.conventions import Regularizer
 from cnnreg.errors import InputError
 from cnnreg.jacobian import jacobian_determinant
 from cnnreg.regularizers import bending_energy, diffusion, negative_jacobian, regularization, total_variation
+from cnnreg.settings import Regularizer
 from cnnreg.spatial import identity_grid
 
 

@@ -1,6 +1,6 @@
 """cnnreg.spatial: identity grids, warping, composition, resizing and voxel <-> LPS/RAS units.
 
-Convention under test (cnnreg.conventions): ``u`` is ``(N, ndim, *S)`` in voxels, channel ``c``
+Convention under test (cnnreg.settings): ``u`` is ``(N, ndim, *S)`` in voxels, channel ``c``
 is the displacement along tensor axis ``c`` and it pulls: ``out(x) = image(x + u(x))``.
 """
 
@@ -18,7 +18,6 @@ from cnnreg.spatial import (
     gaussian_kernel1d,
     gaussian_smooth,
     identity_grid,
-    lps_to_ras,
     lps_to_voxel,
     resize_field,
     resize_image,
@@ -470,22 +469,6 @@ def test_unit_conversion_rejects_wrong_component_counts():
         voxel_to_lps(np.zeros((2, 3, 3, 3)), SPACING, np.eye(3).ravel())
     with pytest.raises(ValueError, match="components"):
         lps_to_voxel(np.zeros((3, 3, 3, 2)), SPACING, np.eye(3).ravel())
-    with pytest.raises(ValueError, match="3-component"):
-        lps_to_ras(np.zeros((4, 2)))
-
-
-def test_lps_to_ras_negates_x_and_y_and_is_its_own_inverse():
-    vectors = np.random.default_rng(3).normal(size=(5, 4, 3))
-    ras = lps_to_ras(vectors)
-    np.testing.assert_array_equal(ras[..., 0], -vectors[..., 0])
-    np.testing.assert_array_equal(ras[..., 1], -vectors[..., 1])
-    np.testing.assert_array_equal(ras[..., 2], vectors[..., 2])
-    np.testing.assert_array_equal(lps_to_ras(ras), vectors)
-
-
-# --------------------------------------------------------------------------------------
-# CUDA
-# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

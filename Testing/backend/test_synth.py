@@ -14,8 +14,8 @@ import torch
 
 from cnnreg.augment import AugmentSettings, Sample
 from cnnreg.dataset import index_labels, make_sample
-from cnnreg.networks import VoxelMorphNet, integrate_velocity
-from cnnreg.spatial import compose, warp
+from cnnreg.networks import VoxelMorphNet
+from cnnreg.spatial import compose, integrate_velocity, warp
 from cnnreg.synth import (
     SynthPairSampler,
     SynthSettings,

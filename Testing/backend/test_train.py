@@ -31,9 +31,10 @@ from cnnreg.augment import (
 from cnnreg.checkpoint import load_checkpoint
 from cnnreg.dataset import index_labels, make_sample
 from cnnreg.distributed import Distributed
-from cnnreg.errors import InputError
+from cnnreg.errors import DeviceError, InputError
 from cnnreg.jacobian import jacobian_determinant
 from cnnreg.networks import CascadeNet, FAIMNet
+from cnnreg.settings import EXIT_INPUT
 from cnnreg.train import (
     Trainable,
     TrainSettings,
@@ -256,7 +257,7 @@ def test_train_command_line_with_a_json_config(tmp_path, mni, capsys, keep_sigte
     assert lines[2]["val_dice"] is not None and lines[2]["val_dice_before"] is not None
     assert os.path.isfile(out) and os.path.isfile(output_paths(out)["curve"])
 
-    assert cli.main(argv + ["--progress", "jsonl"]) == cli.EXIT_INPUT  # no silent overwrite
+    assert cli.main(argv + ["--progress", "jsonl"]) == EXIT_INPUT  # no silent overwrite
     assert "already exists" in capsys.readouterr().err
 
 
@@ -370,4 +371,4 @@ def test_a_checkpoint_that_cannot_be_written_is_a_write_error_and_keeps_the_prev
     with pytest.raises(WriteError, match="No space left on device"):
         save_checkpoint(path, FAIMNet(2), {"working_shape": (32, 32)})
     assert path.read_bytes() == before and not (tmp_path / "model.pt.tmp").exists()
-    assert issubclass(WriteError, cli.DeviceError)  # the command line exits with 3
+    assert issubclass(WriteError, DeviceError)  # the command line exits with 3

@@ -74,6 +74,8 @@ def test_parameter_bindings_match_the_parameter_node():
             assert cls == "QSpinBox", (parameter, cls)
         elif annotation == "bool":
             assert cls == "QCheckBox", (parameter, cls)
+        elif annotation.startswith("Annotated[str, Choice("):
+            assert cls == "QComboBox", (parameter, cls)
         else:
             assert (
                 annotation in ("Mode", "Similarity", "Regularizer", "Interpolation", "Device") and cls == "QComboBox"
@@ -168,23 +170,52 @@ def test_glue_imports_without_qt(blocked, modules):
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr
 
 
-def test_settings_match_the_backend_choices():
+GLUE_FILES = [MODULE_FILE] + [
+    os.path.join(MODULE_DIR, "CNNRegistrationLib", name)
+    for name in sorted(os.listdir(os.path.join(MODULE_DIR, "CNNRegistrationLib")))
+    if name.endswith(".py")
+]
+
+
+def test_the_glue_imports_only_the_settings_of_the_backend():
+    """The Slicer glue talks to the backend through files and a process; the one module it
+    imports is the torch-free ``cnnreg.settings`` (choices, defaults, exit codes, file names)."""
+    imported = set()
+    for path in GLUE_FILES:
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                imported |= {(os.path.basename(path), n) for n in names if n.split(".")[0] == "cnnreg"}
+            elif isinstance(node, ast.Import):
+                imported |= {(os.path.basename(path), a.name) for a in node.names if a.name.split(".")[0] == "cnnreg"}
+    backend = {name for _, name in imported}
+    assert backend, "the glue should take its choices from cnnreg.settings"
+    allowed = {"cnnreg", "cnnreg.settings"}
+    assert all(name in allowed or name.startswith("cnnreg.settings.") for name in backend), sorted(imported)
+
+
+def test_the_backend_settings_import_neither_torch_nor_numpy():
+    code = (
+        "import sys; import cnnreg.settings; "
+        "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK') if m in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=MODULE_DIR
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
+
+
+def test_the_panel_defaults_are_the_backend_defaults():
+    from cnnreg import settings as backend
     from CNNRegistrationLib import settings
 
-    try:
-        from cnnreg import conventions
-    except ImportError as error:  # the backend may be mid-change; its own tests cover it
-        pytest.skip(f"cnnreg.conventions not importable: {error}")
-    pairs = [
-        (settings.Mode, conventions.Mode),
-        (settings.Similarity, conventions.Similarity),
-        (settings.Regularizer, conventions.Regularizer),
-        (settings.Interpolation, conventions.SimilarityInterpolation),
-    ]
-    for ours, theirs in pairs:
-        assert [member.value for member in ours] == [member.value for member in theirs] or sorted(
-            m.value for m in ours
-        ) == sorted(m.value for m in theirs), ours
+    panel = settings.RegistrationSettings()
+    assert panel.backendSettings() == backend.RegistrationSettings()
+    for mode in backend.Mode:
+        assert settings.RegistrationSettings(mode=mode).backendSettings() == backend.RegistrationSettings(mode=mode)
+    assert [i.value for i in settings.SIMILARITY_INTERPOLATIONS] == ["linear", "cubic"]
+    assert settings.Mode is backend.Mode and settings.Interpolation is backend.Interpolation
 
 
 def test_settings_command_line_and_presets():
@@ -193,6 +224,10 @@ def test_settings_command_line_and_presets():
     arguments = settings.RegistrationSettings(mode="learned", weight=2, iterations=0).commandLineArguments()
     assert arguments[:2] == ["--mode", "learned"] and "--iterations" not in arguments and "--seed" not in arguments
     assert arguments[arguments.index("--weight") + 1] == "2.0"
+    refine = settings.RegistrationSettings(mode="learned-refine", iterations=20).commandLineArguments()
+    assert refine == ["--mode", "learned-refine", "--refine-iterations", "20"]
+    with pytest.raises(ValueError, match="nearest"):
+        settings.RegistrationSettings(interpolation="nearest")
     with pytest.raises(ValueError, match="weight"):
         settings.RegistrationSettings(weight=101)
     with pytest.raises(ValueError):

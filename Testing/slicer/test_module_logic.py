@@ -23,6 +23,11 @@ class WithinRange:
         self.minimum, self.maximum = minimum, maximum
 
 
+class Choice:
+    def __init__(self, choices):
+        self.choices = choices
+
+
 def parameterNodeWrapper(cls):
     """Stand-in: attributes with the declared defaults, ``parameterNode`` = the MRML node."""
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -55,6 +60,7 @@ def stubModules():
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = parameterNodeWrapper
     wrapper.WithinRange = WithinRange
+    wrapper.Choice = Choice
     return {
         "qt": types.ModuleType("qt"),
         "slicer.ScriptedLoadableModule": scripted,
@@ -92,8 +98,11 @@ def test_parameter_node_declaration(module):
         "outputTransform",
         "outputJacobian",
     }
-    for name in ("mode", "similarity", "regularizer", "interpolation", "device"):
+    for name in ("mode", "similarity", "regularizer", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
+    # interpolation: the choices the similarity term allows (the enum also holds nearest, for labels)
+    kind, choice = typing.get_args(hints["interpolation"])
+    assert kind is str and choice.choices == ["linear", "cubic"] and defaults["interpolation"] in choice.choices
     for name in ("weight", "iterations"):
         limits = typing.get_args(hints[name])[1]
         assert limits.minimum <= defaults[name] <= limits.maximum

@@ -13,6 +13,7 @@ slicer = pytest.importorskip("slicer")
 
 from mrmlhelpers import HERE, OBLIQUE, blob, makeVolume  # noqa: E402
 
+from cnnreg.settings import EXIT_INPUT  # noqa: E402
 from CNNRegistrationLib import process, registration  # noqa: E402
 from CNNRegistrationLib.settings import RegistrationSettings  # noqa: E402
 
@@ -161,7 +162,7 @@ def test_job_failure_reports_the_backend_message(scene, tmp_path, fakeBackend, m
     job = registration.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
     with pytest.raises(registration.RegistrationError, match="rejected the input: moving image is constant") as caught:
         job.run(timeout=60)
-    assert caught.value.returncode == process.EXIT_BAD_INPUT
+    assert caught.value.returncode == EXIT_INPUT
     assert not os.path.exists(job.workDirectory)
     assert sceneNodeIds(scene) == before
 

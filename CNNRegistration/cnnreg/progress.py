@@ -1,0 +1,61 @@
+"""Progress of a long command: JSON lines on standard output and a bar on standard error.
+
+Events are dicts with an ``event`` key: ``start``, ``progress`` (stage, iteration, iterations,
+fraction 0..1, loss, ...), ``done`` (summary) or ``error`` (message); the Slicer module reads
+the JSON lines of the backend process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+#: values of ``--progress``
+PROGRESS_STYLES = ("auto", "jsonl", "bar", "none")
+
+
+class ProgressReporter:
+    """Writes progress events as JSON lines (stdout) and a bar (stderr, terminals only)."""
+
+    def __init__(self, style: str = "auto", stream=None, bar_stream=None):
+        self.stream = stream or sys.stdout
+        self.bar_stream = bar_stream or sys.stderr
+        self.jsonl = style in ("auto", "jsonl")
+        self.bar = style == "bar" or (style == "auto" and self.bar_stream.isatty())
+        self.started = time.perf_counter()
+
+    def __call__(self, event: dict) -> None:
+        if self.jsonl:
+            self.stream.write(json.dumps(event, default=float) + "\n")
+            self.stream.flush()
+        if self.bar and event.get("event") == "progress":
+            fraction = float(event.get("fraction", 0.0))
+            filled = int(30 * fraction)
+            self.bar_stream.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% "
+                f"{event.get('stage', '')} it {event.get('iteration')}/{event.get('iterations')} "
+                f"loss {event.get('loss', float('nan')):.5f} {time.perf_counter() - self.started:6.1f}s"
+            )
+            self.bar_stream.flush()
+        if self.bar and event.get("event") in ("done", "error"):
+            self.bar_stream.write("\n")
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` of every command that reports progress (read by :class:`ProgressReporter`)."""
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=PROGRESS_STYLES,
+        help="JSON lines on standard output and/or a bar on standard error (auto: both, the bar on a terminal)",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch (``--threads``), when given."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -1,0 +1,526 @@
+"""The contract of the backend, defined once: conventions, options, defaults, exit codes.
+
+Conventions (axis order, units, direction of fields)
+====================================================
+
+Tensors
+    Images are ``(N, C, D, H, W)`` in 3D and ``(N, C, H, W)`` in 2D.  The spatial axes
+    ``D, H, W`` are SimpleITK's array axes ``(k, j, i)`` (``sitk.GetArrayFromImage``),
+    which are also Slicer's ``arrayFromVolume`` axes.
+
+Displacement fields inside the backend
+    ``u`` has shape ``(N, ndim, *spatial)``, lives on the **fixed** image grid, is
+    expressed in **voxels of that grid**, and channel ``c`` is the displacement along
+    spatial tensor axis ``c`` -- that is ``(k, j, i)`` order in 3D and ``(j, i)`` in 2D.
+    It *pulls* the moving image::
+
+        warped(x) = moving(x + u(x))
+
+    This is ITK's resampling direction (fixed -> moving) and Slicer's "from parent"
+    direction of a grid transform.
+
+Displacement fields at the boundaries (each converted once)
+    * ITK displacement-field files: millimetres, **LPS** world axes ``(x, y, z)``, on the
+      fixed grid, vector image components in ``(x, y, z)`` order.  Voxels <-> LPS mm is
+      :func:`cnnreg.image.displacement_image` / :func:`cnnreg.image.read_displacement` (with
+      :func:`cnnreg.spatial.voxel_to_lps` / :func:`cnnreg.spatial.lps_to_voxel`).
+    * Slicer: millimetres, **RAS** world axes: ``ras = (-x, -y, z)`` of the LPS vector.  The
+      backend only writes ITK (LPS) files; the Slicer module flips x and y when it reads the
+      field into a grid transform (``CNNRegistrationLib.nodes``, with :data:`LPS_TO_RAS_SIGNS`).
+
+    For a grid with spacing ``s = (s_i, s_j, s_k)`` and direction matrix ``R`` (columns =
+    world direction of the ``i, j, k`` index axes), a voxel displacement ``u`` reordered to
+    ``(i, j, k)`` maps to ``d_lps = R @ diag(s) @ u_ijk``.
+
+Options
+=======
+
+The option enums (whose values are the command-line strings and whose :meth:`Choice.label`
+is the text the Slicer module shows), the per-mode defaults, the exit codes and output file
+names, and the two dataclasses :class:`OptimizationSettings` and :class:`RegistrationSettings`.
+The command line is built from the dataclass fields (:func:`add_method_arguments`,
+:func:`settings_from_args`) and turned back into arguments (:func:`command_line_arguments`,
+used by the Slicer module), so the Python API, ``cnnreg register`` and the Slicer module
+share one set of defaults and bounds.
+
+This module imports only the standard library (and :mod:`cnnreg.errors`): the Slicer module
+imports it directly, without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InputError
+
+#: sign per world axis from LPS to RAS (3D): ``ras = LPS_TO_RAS_SIGNS * lps``
+LPS_TO_RAS_SIGNS = (-1.0, -1.0, 1.0)
+
+
+class Choice(str, enum.Enum):
+    """Base of the option enums: a member is its command-line string; ``label()`` is GUI text."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def label(self) -> str:
+        """Text shown for this choice in the Slicer module (its combo boxes call ``label``)."""
+        return LABELS.get(self, self.value)
+
+
+class Mode(Choice):
+    """How the displacement field is obtained."""
+
+    INSTANCE = "instance"  # per-pair dense-field optimisation
+    LEARNED = "learned"  # one forward pass of a trained network
+    LEARNED_REFINE = "learned-refine"  # learned + instance optimisation
+    PHANTOM = "phantom"  # per-pair CNN optimisation, no prior training (Chen et al. 2020)
+
+
+class Similarity(Choice):
+    """Image similarity term of the loss."""
+
+    LNCC = "lncc"
+    MSE = "mse"
+    PCC = "pcc"
+    SSIM = "ssim"
+    MI = "mi"
+    PCC_SSIM = "pcc+ssim"
+
+
+class Regularizer(Choice):
+    """Smoothness / plausibility term on the displacement field."""
+
+    DIFFUSION = "diffusion"
+    TOTAL_VARIATION = "tv"
+    BENDING = "bending"
+    NEGATIVE_JACOBIAN = "negjac"
+
+
+class Interpolation(Choice):
+    """How an image is sampled at warped positions.
+
+    Nearest neighbour is for label maps and masks only: it has no gradient, so the
+    similarity term of the iterative modes refuses it (:data:`SIMILARITY_INTERPOLATIONS`).
+    """
+
+    LINEAR = "linear"
+    CUBIC = "cubic"  # cubic B-spline: no bias towards whole-voxel shifts, ~3x slower per warp
+    NEAREST = "nearest"
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether it may sample the moving image inside the similarity term."""
+        return self is not Interpolation.NEAREST
+
+
+#: interpolations allowed in the similarity term (and for the warped intensity image)
+SIMILARITY_INTERPOLATIONS = tuple(member for member in Interpolation if member.differentiable)
+
+
+class Normalization(Choice):
+    """Intensity normalisation of both images before registration."""
+
+    MAX = "max"  # divide by the maximum (FAIM, Chen et al.)
+    PERCENTILE = "percentile"  # robust: clip to [p0.5, p99.5] and scale to [0, 1]
+    NONE = "none"
+
+
+class Optimizer(Choice):
+    """Optimiser of the dense field (instance mode, refinement); the phantom CNN uses Adam."""
+
+    GLOBAL_ADAM = "global-adam"  # Adam with one second moment per tensor (steps follow the gradient)
+    ADAM = "adam"
+    GREEDY = "greedy"  # demons-like: normalised, smoothed gradient steps
+
+
+class Device(Choice):
+    """Compute device; the command line also takes ``cuda:N`` and ``gpu`` (= ``cuda``)."""
+
+    AUTO = "auto"  # CUDA when available, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+LABELS: dict[Choice, str] = {
+    Mode.INSTANCE: "Instance optimisation (dense field)",
+    Mode.LEARNED: "Learned (one pass of a trained network)",
+    Mode.LEARNED_REFINE: "Learned + instance refinement",
+    Mode.PHANTOM: "Phantom CNN (no training, optimised on this pair)",
+    Similarity.LNCC: "Local normalised cross-correlation (LNCC)",
+    Similarity.MSE: "Mean squared error (MSE)",
+    Similarity.PCC: "Pearson correlation (PCC)",
+    Similarity.SSIM: "Structural similarity (SSIM)",
+    Similarity.MI: "Mutual information (MI)",
+    Similarity.PCC_SSIM: "PCC + SSIM",
+    Regularizer.DIFFUSION: "Diffusion (gradient L2)",
+    Regularizer.TOTAL_VARIATION: "Total variation",
+    Regularizer.BENDING: "Bending energy",
+    Regularizer.NEGATIVE_JACOBIAN: "Negative-Jacobian penalty",
+    Interpolation.LINEAR: "Linear (fast)",
+    Interpolation.CUBIC: "Cubic B-spline (sub-voxel accurate, slower)",
+    Interpolation.NEAREST: "Nearest neighbour (label maps)",
+    Device.AUTO: "Automatic (GPU if available)",
+    Device.CPU: "CPU",
+    Device.CUDA: "CUDA GPU",
+}
+
+
+def choices(enum_type: type[enum.Enum]) -> list[str]:
+    """The accepted string values of an enum, for argument parsers and messages."""
+    return [member.value for member in enum_type]
+
+
+def as_choice(value: Any, enum_type: type[Choice], what: str) -> Choice:
+    """``value`` (a member or its string) as a member of ``enum_type``; InputError otherwise."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise InputError(f"unknown {what} {value!r}; choose one of {choices(enum_type)}") from None
+
+
+# ----------------------------------------------------------------------------- defaults
+
+#: iterations per pyramid level, coarse to fine, when none are given
+DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 30), Mode.PHANTOM: (200, 100, 50)}
+
+#: default step of each dense-field optimiser: voxels per step for an RMS-sized gradient
+#: (global-adam), per element (adam), largest voxel step (greedy).  On MNI152 at 2 mm
+#: (scripts/benchmark, case mni2mm) global-adam at 0.05 reaches a lower loss than at 0.25,
+#: whose first steps overshoot at every level change (the loss rose for ~10 iterations).
+DENSE_LEARNING_RATES: dict[Optimizer, float] = {
+    Optimizer.GLOBAL_ADAM: 0.05,
+    Optimizer.ADAM: 0.02,
+    Optimizer.GREEDY: 0.25,
+}
+
+#: Adam step of the phantom CNN's weights (its last layer gets a larger one, see cnnreg.optimize)
+CNN_LEARNING_RATE = 1e-3
+
+#: random seeds: what numpy, Python and torch all accept
+MAX_SEED = 2**32 - 1
+
+# ----------------------------------------------------------------------------- files and exit codes
+
+#: exit codes of every ``cnnreg`` command
+EXIT_OK, EXIT_INPUT, EXIT_DEVICE, EXIT_NUMERIC, EXIT_CANCELLED = 0, 2, 3, 4, 130
+
+#: files of a registration's output folder
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "summary": "summary.json",
+    "qc": "qc.png",
+}
+
+# ----------------------------------------------------------------------------- option values
+
+
+class Number:
+    """A bounded, finite int or float option: parses command-line text (argparse ``type``) and
+    checks values given from Python, with the same bounds and messages."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *, low_open=False, odd=False):
+        self.kind, self.low, self.high, self.low_open, self.odd = kind, low, high, low_open, odd
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is not allowed, or None."""
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            return f"expected an integer, got {value!r}"
+        if self.kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            return f"expected a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"expected a finite number, got {value!r}"
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'>' if self.low_open else '>='} {self.low}, got {value}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high}, got {value}"
+        if self.odd and value % 2 == 0:
+            return f"must be odd, got {value}"
+        return None
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if self.kind is int else 'a number'}, got {text!r}"
+            ) from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+
+class Schedule:
+    """Iterations per pyramid level, coarse to fine: ``N`` or ``N1,N2,...`` (each >= 0)."""
+
+    __name__ = "schedule"
+
+    def problem(self, value) -> str | None:
+        values = as_schedule(value)
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values):
+            return f"must be integers >= 0, got {value!r}"
+        return None
+
+    def __call__(self, text: str) -> int | list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"iterations must be an integer or a comma list like 150,100,50, got {text!r}"
+            ) from None
+        if min(values) < 0:
+            raise argparse.ArgumentTypeError(f"iterations must be >= 0, got {text!r}")
+        return values[0] if len(values) == 1 else values
+
+
+def as_schedule(iterations: int | Sequence[int]) -> list[int]:
+    """Iterations as a list per level (one number = one level)."""
+    return [iterations] if isinstance(iterations, int) else list(iterations)
+
+
+def _option(default: Any = None, help: str | None = None, value: Any = None, values: Sequence | None = None, **field):
+    """A dataclass field that is also a command-line option (``help`` given): ``value`` parses and
+    checks it (:class:`Number`, :class:`Schedule`); an enum default makes it a choice (``values``
+    restricts the choices); a bool default makes it a flag."""
+    metadata = {"help": help, "value": value, "values": values}
+    if "default_factory" in field:
+        return dataclasses.field(metadata=metadata, **field)
+    return dataclasses.field(default=default, metadata=metadata, **field)
+
+
+def _iterations_help() -> str:
+    per_mode = "; ".join(f"{mode.value} {','.join(map(str, its))}" for mode, its in DEFAULT_ITERATIONS.items())
+    return f"iterations per level, coarse to fine: N or N1,N2,N3 (default per mode: {per_mode})"
+
+
+def _learning_rate_help() -> str:
+    dense = ", ".join(f"{optimizer.value} {rate:g}" for optimizer, rate in DENSE_LEARNING_RATES.items())
+    return f"optimiser step (default per mode: dense-field optimisers {dense}; phantom CNN Adam {CNN_LEARNING_RATE:g})"
+
+
+@dataclasses.dataclass
+class OptimizationSettings:
+    """Settings of the iterative modes (loss, schedule, optimiser).
+
+    Attributes:
+        similarity, regularizer, weight: loss = similarity loss + weight x regularizer.
+        jacobian_weight: weight of the negative-Jacobian penalty mean(max(0, -det J)) (FAIM),
+            added on top of the regularizer to discourage folding; 0 = off.
+        window: LNCC window in voxels (odd).
+        levels: pyramid levels (each halves the size; coarse levels stop at 16 voxels).
+        iterations: iterations per level, coarse to fine (one number = every level); None =
+            the mode's default (:data:`DEFAULT_ITERATIONS`).
+        learning_rate: optimiser step; None = the default of the mode and optimiser
+            (:data:`DENSE_LEARNING_RATES`, :data:`CNN_LEARNING_RATE`).
+        field_smoothing: Gaussian sigma (voxels) applied to the optimised field update.
+        control_spacing: dense-field modes optimise the update on a control grid with this
+            spacing in voxels of the fixed grid (interpolated linearly; 1 = every voxel).
+        optimizer: dense-field optimiser (:class:`Optimizer`).
+        interpolation: how the similarity term (and the warped image) samples the moving
+            image: linear or cubic B-spline.  Linear interpolation blurs by an amount that
+            depends on the sub-voxel part of ``x + u(x)``, so a blurred moving image is matched
+            best by shifts near whole voxels (a bias of a few tenths of a voxel); the cubic
+            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~3x the cost per warp.
+        features: width of the phantom CNN.
+        max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
+            upsampled to the fixed grid (bounds memory on large images).
+        final_learning_rate: fraction of the learning rate reached at the end of each level
+            (cosine decay; 1 = constant).
+        patience, tolerance: stop a level when the loss has not improved by ``tolerance``
+            (relative) for ``patience`` iterations.
+
+    Strings are accepted for the enum fields and converted once, on construction; values
+    out of range raise :class:`cnnreg.errors.InputError` naming the option.
+    """
+
+    similarity: Similarity = _option(Similarity.LNCC, "similarity measure")
+    regularizer: Regularizer = _option(Regularizer.DIFFUSION, "regularizer")
+    weight: float = _option(1.0, "regularizer weight (>= 0)", Number(float, 0))
+    jacobian_weight: float = _option(
+        1.0, "weight of the negative-Jacobian (folding) penalty added to the loss; 0 = off", Number(float, 0)
+    )
+    window: int = _option(5, "LNCC window, voxels (odd)", Number(int, 1, odd=True))
+    levels: int = _option(3, "pyramid levels", Number(int, 1, 12))
+    iterations: Sequence[int] | int | None = _option(None, _iterations_help(), Schedule())
+    learning_rate: float | None = _option(None, _learning_rate_help(), Number(float, 0, low_open=True))
+    field_smoothing: float = _option(1.0, "Gaussian sigma of the field update, voxels (>= 0)", Number(float, 0))
+    control_spacing: float = _option(
+        4.0, "dense-field control grid spacing, voxels (1 = every voxel)", Number(float, 1)
+    )
+    optimizer: Optimizer = _option(Optimizer.GLOBAL_ADAM, "dense-field optimiser")
+    interpolation: Interpolation = _option(
+        Interpolation.LINEAR,
+        "how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or "
+        "cubic B-spline (more accurate sub-voxel alignment, slower)",
+        values=SIMILARITY_INTERPOLATIONS,
+    )
+    features: int = _option(16, "phantom-mode CNN width", Number(int, 1))
+    max_cnn_voxels: int = _option(2**21, "phantom-mode working-grid size limit", Number(int, 1))
+    final_learning_rate: float = _option(0.1, value=Number(float, 0, 1))
+    patience: int = _option(20, value=Number(int, 1))
+    tolerance: float = _option(1e-4, value=Number(float, 0))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Convert strings to enums and check every value (InputError naming the option)."""
+        _check_fields(self)
+        if not self.interpolation.differentiable:
+            raise InputError(
+                f"interpolation {self.interpolation.value!r} cannot sample the moving image in the similarity "
+                f"term (it has no gradient); choose one of {[i.value for i in SIMILARITY_INTERPOLATIONS]}"
+            )
+
+    def iterations_per_level(self, levels: int, mode: Mode | str = Mode.INSTANCE) -> list[int]:
+        """Iterations of each of ``levels`` levels, coarse to fine (``mode`` gives the default)."""
+        iterations = DEFAULT_ITERATIONS[Mode(mode)] if self.iterations is None else self.iterations
+        if isinstance(iterations, int):
+            return [iterations] * levels
+        values = list(iterations)
+        if len(values) < levels:  # pad at the coarse end with the first value
+            values = [values[0]] * (levels - len(values)) + values
+        return values[-levels:]
+
+
+@dataclasses.dataclass
+class RegistrationSettings:
+    """Everything that defines a registration run (:class:`OptimizationSettings` holds the loss).
+
+    ``refine_iterations`` (learned-refine): dense-field iterations after the prediction, at full
+    resolution (a number) or per pyramid level, coarse to fine (a list: as many levels as entries).
+    """
+
+    mode: Mode = _option(
+        Mode.INSTANCE,
+        "instance: the displacement field is optimised (the most accurate on CPU); phantom: a CNN is "
+        "optimised on this pair (no training data); learned / learned-refine: shipped network weights",
+    )
+    optimization: OptimizationSettings = dataclasses.field(default_factory=OptimizationSettings)
+    device: str = _option(Device.AUTO.value, "auto (CUDA if available), cpu, cuda, cuda:N")
+    seed: int | None = _option(
+        0, "random seed, 0 to 2^32 - 1 (runs are repeatable at the same thread count)", Number(int, 0, MAX_SEED)
+    )
+    normalization: Normalization = _option(Normalization.MAX, "intensity normalisation of both images")
+    affine: bool = _option(False, "affine pre-alignment with SimpleITK first")
+    model: str | None = _option(None, "learned modes: weights file (default: the shipped weights)")
+    refine_iterations: int | Sequence[int] = _option(
+        50,
+        "learned-refine: dense-field iterations after the prediction, at full resolution (N) or per "
+        "level, coarse to fine (N1,N2: as many levels as numbers)",
+        Schedule(),
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Convert strings to enums and check every value, here and in ``optimization``."""
+        if not isinstance(self.optimization, OptimizationSettings):
+            raise InputError(f"optimization must be OptimizationSettings, got {type(self.optimization).__name__}")
+        _check_fields(self)
+        self.optimization.validate()
+        self.device = getattr(self.device, "value", self.device)
+        if not isinstance(self.device, str) or not self.device:
+            raise InputError(f"device must be a name like {choices(Device)} or cuda:N, got {self.device!r}")
+
+    def iterations_requested(self) -> int | list[int]:
+        """Iterations the mode runs: per level (phantom, instance), refinement steps, or 0 (learned)."""
+        if self.mode is Mode.LEARNED:
+            return 0
+        if self.mode is Mode.LEARNED_REFINE:
+            return self.refine_iterations
+        iterations = self.optimization.iterations
+        return list(DEFAULT_ITERATIONS[self.mode]) if iterations is None else iterations
+
+
+def _check_fields(settings) -> None:
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        default = f.default
+        what = f.name.replace("_", " ")
+        if isinstance(default, Choice):
+            setattr(settings, f.name, as_choice(value, type(default), what))  # ``values``: checked by the owner
+        elif value is not None and f.metadata.get("value") is not None:
+            problem = f.metadata["value"].problem(value)
+            if problem:
+                raise InputError(f"{what}: {problem}")
+            if isinstance(f.metadata["value"], Schedule) and not isinstance(value, numbers.Integral):
+                setattr(settings, f.name, [int(v) for v in value])  # one form of a per-level schedule
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise InputError(f"{what} must be True or False, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _command_line_fields():
+    """(dataclass, field) of every setting that is a command-line option, in --help order."""
+    for owner in (RegistrationSettings, OptimizationSettings):
+        for f in dataclasses.fields(owner):
+            if f.metadata.get("help"):
+                yield owner, f
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The registration method's options, one per setting of :class:`RegistrationSettings` and
+    :class:`OptimizationSettings` with the same defaults and bounds (read back with
+    :func:`settings_from_args`); shared by every command that registers images."""
+    for _, f in _command_line_fields():
+        help, default = f.metadata["help"], f.default
+        if isinstance(default, Choice):
+            allowed = f.metadata.get("values") or list(type(default))
+            parser.add_argument(_flag(f), default=default.value, choices=[a.value for a in allowed], help=help)
+        elif isinstance(default, bool):
+            parser.add_argument(_flag(f), action="store_true", help=help)
+        else:
+            parser.add_argument(_flag(f), type=f.metadata.get("value"), default=default, help=help)
+    parser.add_argument(
+        "--threads", type=Number(int, 1, 1024), default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
+    """:class:`RegistrationSettings` from the options of :func:`add_method_arguments`."""
+    values: dict[type, dict] = {RegistrationSettings: {}, OptimizationSettings: {}}
+    for owner, f in _command_line_fields():
+        values[owner][f.name] = getattr(args, f.name)
+    return RegistrationSettings(
+        **values[RegistrationSettings], optimization=OptimizationSettings(**values[OptimizationSettings])
+    )
+
+
+def command_line_arguments(settings: RegistrationSettings) -> list[str]:
+    """The options of ``cnnreg register`` that give ``settings``: ``--mode`` (always, so the
+    command says what it runs) and every option whose value differs from its default;
+    :func:`settings_from_args` of them gives ``settings`` back."""
+    settings.validate()
+    arguments = []
+    for owner, f in _command_line_fields():
+        value = getattr(settings if owner is RegistrationSettings else settings.optimization, f.name)
+        if value == f.default and f.name != "mode":
+            continue
+        if isinstance(f.default, bool):
+            arguments.append(_flag(f))
+        elif isinstance(value, (list, tuple)):
+            arguments += [_flag(f), ",".join(str(int(v)) for v in value)]
+        elif isinstance(value, float):
+            arguments += [_flag(f), repr(value)]
+        else:
+            arguments += [_flag(f), str(value)]
+    return arguments
