@@ -477,7 +477,6 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument(
         "--images",
         nargs="+",
@@ -549,8 +548,7 @@ def run(args: argparse.Namespace) -> int:
         path = os.path.abspath(path)
         if any(path == p or path.startswith(p + os.sep) for p in outputs.values()):
             raise InputError(f"input {path} would be overwritten by an atlas output; choose another output folder")
-    settings = settings_from_args(args)
-    settings.validate()
+    settings = settings_from_args(args)  # checked on construction
     set_threads(args.threads)
     reference_size = im.size_from_header(args.reference or image_paths[0], "reference image")
     for path in image_paths:  # from the headers, before anything large is read

@@ -70,7 +70,6 @@ def check_memory(fixed_size: Sequence[int], moving_size: Sequence[int], settings
     the machine has available (CPU runs); returns the estimate in bytes."""
     from .device import available_memory_bytes
 
-    settings.validate()
     needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":

@@ -289,14 +289,11 @@ def as_schedule(iterations: int | Sequence[int]) -> list[int]:
     return [iterations] if isinstance(iterations, int) else list(iterations)
 
 
-def _option(default: Any = None, help: str | None = None, value: Any = None, values: Sequence | None = None, **field):
+def _option(default: Any = None, help: str | None = None, value: Any = None, values: Sequence | None = None):
     """A dataclass field that is also a command-line option (``help`` given): ``value`` parses and
     checks it (:class:`Number`, :class:`Schedule`); an enum default makes it a choice (``values``
     restricts the choices); a bool default makes it a flag."""
-    metadata = {"help": help, "value": value, "values": values}
-    if "default_factory" in field:
-        return dataclasses.field(metadata=metadata, **field)
-    return dataclasses.field(default=default, metadata=metadata, **field)
+    return dataclasses.field(default=default, metadata={"help": help, "value": value, "values": values})
 
 
 def _iterations_help() -> str:
