@@ -200,7 +200,8 @@ def _bspline_reduce(flat, index, strides, weights, slopes, with_slopes, axis=0, 
     for k in range(4):
         shifted = offset + k * strides[axis]
         if axis == len(strides) - 1:
-            part = flat.narrow(0, shifted, flat.numel() - shifted).take(index)
+            # index_select is several times faster than take on the CPU (same values)
+            part = flat.narrow(0, shifted, flat.numel() - shifted).index_select(0, index.reshape(-1)).view(index.shape)
             part_derivatives = []
         else:
             part, part_derivatives = _bspline_reduce(
