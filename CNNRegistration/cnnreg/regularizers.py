@@ -6,7 +6,7 @@ the image size.  Derivatives are finite differences on voxel indices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,19 +38,27 @@ def bending_energy(u: torch.Tensor) -> torch.Tensor:
     return energy
 
 
-def negative_jacobian(u: torch.Tensor) -> torch.Tensor:
-    """Mean of ``max(0, -det J)`` (equal to FAIM's ``0.5 (|J| - J)``), forward differences.
+#: the difference schemes of :func:`negative_jacobian`'s ``det J`` by default
+JACOBIAN_PENALTY_SCHEMES = ("forward", "central")
 
-    Where no voxel folds the penalty and its gradient are exactly 0; that case is detected
-    without building the autograd graph of det J (most of the cost of an iteration when no
-    voxel folds), and a zero that keeps ``u``'s graph is returned.
+
+def negative_jacobian(u: torch.Tensor, schemes: Sequence[str] = JACOBIAN_PENALTY_SCHEMES) -> torch.Tensor:
+    """Sum over ``schemes`` of the mean of ``max(0, -det J)`` (FAIM's ``0.5 (|J| - J)``).
+
+    ``det J`` by forward differences (``("forward",)``: FAIM's penalty) sees folds between
+    neighbouring voxels; by central differences it is the determinant that the folding % and
+    the Jacobian volume report, and it can be <= 0 where the forward one is not (and is blind
+    to the two-voxel checkerboard that forward differences see), so by default both are
+    penalised.  Where no voxel folds in any scheme the penalty and its gradient are exactly 0;
+    that case is detected without building the autograd graph of det J (most of the cost of
+    an iteration when no voxel folds), and a zero that keeps ``u``'s graph is returned.
     """
     if u.requires_grad and torch.is_grad_enabled():
         with torch.no_grad():
-            unfolded = bool((jacobian_determinant(u, scheme="forward") >= 0).all())
-        if unfolded:
+            schemes = [s for s in schemes if not bool((jacobian_determinant(u, scheme=s) > 0).all())]
+        if not schemes:
             return u.sum() * 0.0
-    return torch.relu(-jacobian_determinant(u, scheme="forward")).mean()
+    return sum(torch.relu(-jacobian_determinant(u, scheme=s)).mean() for s in schemes)
 
 
 _REGULARIZERS = {
@@ -72,6 +80,7 @@ def regularization(name: Regularizer | str, u: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "JACOBIAN_PENALTY_SCHEMES",
     "bending_energy",
     "diffusion",
     "negative_jacobian",

@@ -304,7 +304,8 @@ def registration_loss(
     total = sim + settings.weight * reg
     terms = {"similarity_loss": sim, "regularization": reg}
     if settings.jacobian_weight > 0:
-        negjac = negative_jacobian(u)
+        # FAIM's forward-difference penalty: the recipe the shipped weights were trained with
+        negjac = negative_jacobian(u, schemes=("forward",))
         total = total + settings.jacobian_weight * negjac
         terms["negative_jacobian"] = negjac
     if settings.dice_weight > 0 and fixed_labels is not None and moving_labels is not None:

@@ -80,15 +80,41 @@ def test_negative_jacobian_identity_and_planted_fold(synth, shape):
     cropped = [n - 1 for n in shape]
     rest = int(np.prod(cropped[2:])) if len(shape) == 3 else 1
     expected = 0.5 * 3 * 4 * rest / np.prod(cropped)
-    assert float(negative_jacobian(u)) == pytest.approx(expected, abs=1e-12)
+    assert float(negative_jacobian(u, schemes=("forward",))) == pytest.approx(expected, abs=1e-12)
 
 
 def test_negative_jacobian_equals_faim_form():
     u = 1.5 * random_field((9, 10, 8), seed=3)  # rough: many folds
     det = jacobian_determinant(u, "forward")
     faim = (0.5 * (det.abs() - det)).mean()
-    assert float(negative_jacobian(u)) == pytest.approx(float(faim), rel=1e-12)
-    assert float(negative_jacobian(u)) > 0
+    assert float(negative_jacobian(u, schemes=("forward",))) == pytest.approx(float(faim), rel=1e-12)
+    assert float(negative_jacobian(u, schemes=("forward",))) > 0
+
+
+@pytest.mark.parametrize("shape", [(12, 11), (9, 10, 8)], ids=["2d", "3d"])
+def test_negative_jacobian_default_adds_the_central_scheme_the_folding_metric_uses(shape):
+    u = 1.2 * random_field(shape, seed=7)
+    forward, central = (torch.relu(-jacobian_determinant(u, s)).mean() for s in ("forward", "central"))
+    assert float(central) > 0  # this field folds in the reported (central) determinant too
+    assert float(negative_jacobian(u)) == pytest.approx(float(forward + central), rel=1e-12)
+    v = u.clone().requires_grad_(True)  # with a gradient: the same value (no scheme skipped)
+    assert float(negative_jacobian(v)) == pytest.approx(float(forward + central), rel=1e-12)
+    negative_jacobian(v).backward()
+    assert float(v.grad.abs().max()) > 0
+    # a two-voxel checkerboard u_0 = 0.8 (-1)^i on rows 2 .. S_0 - 3 (0 elsewhere): forward
+    # du/dx = -1.6 where i is even and i + 1 patterned (det -0.6), central du/dx = 0 inside the
+    # pattern and +-0.4 next to it (det >= 0.6): only the forward scheme is charged
+    rows = torch.arange(shape[0], dtype=torch.float64)
+    pattern = torch.where((rows >= 2) & (rows <= shape[0] - 3), 0.8 * (-1.0) ** rows, torch.zeros_like(rows))
+    checker = torch.zeros(1, len(shape), *shape, dtype=torch.float64)
+    checker[0, 0] = pattern.view(-1, *[1] * (len(shape) - 1))
+    assert float(jacobian_determinant(checker, "central").min()) > 0.5
+    folded_rows = sum(1 for i in range(2, shape[0] - 3) if i % 2 == 0)
+    charged = float(negative_jacobian(checker.requires_grad_(True)))
+    assert folded_rows > 0 and charged == pytest.approx(0.6 * folded_rows / (shape[0] - 1), rel=1e-12)
+    smooth = (0.05 * random_field(shape, seed=8)).requires_grad_(True)  # no fold in either scheme
+    value = negative_jacobian(smooth)
+    assert float(value.detach()) == 0.0 and value.requires_grad
 
 
 @pytest.mark.parametrize("name", [r.value for r in Regularizer])
