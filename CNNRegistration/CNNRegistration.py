@@ -30,11 +30,11 @@ from slicer.util import VTKObservationMixin
 
 from CNNRegistrationLib import dependencies, nodes, registration
 from CNNRegistrationLib.settings import (
+    MODE_DEFAULT,
     PRESETS,
     SIMILARITY_INTERPOLATIONS,
     WEIGHT_RANGE,
     Device,
-    Interpolation,
     Mode,
     RegistrationSettings,
     Regularizer,
@@ -95,10 +95,9 @@ class CNNRegistrationParameterNode:
     regularizer: Regularizer = _DEFAULT_SETTINGS.regularizer
     weight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.weight
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
-    # a choice among the interpolations the similarity term allows (nearest is for label maps)
-    interpolation: Annotated[str, Choice([i.value for i in SIMILARITY_INTERPOLATIONS])] = (
-        _DEFAULT_SETTINGS.interpolation.value
-    )
+    # the mode's default, or one of the interpolations the similarity term allows (nearest is
+    # for label maps)
+    interpolation: Annotated[str, Choice([MODE_DEFAULT, *(i.value for i in SIMILARITY_INTERPOLATIONS)])] = MODE_DEFAULT
     device: Device = _DEFAULT_SETTINGS.device
     keepTemporaryFiles: bool = False
     showJacobian: bool = False
@@ -360,7 +359,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
             iterations=parameterNode.iterations,
-            interpolation=Interpolation(parameterNode.interpolation),
+            interpolation=parameterNode.interpolation,
             device=parameterNode.device,
             keepTemporaryFiles=parameterNode.keepTemporaryFiles,
         )

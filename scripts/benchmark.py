@@ -52,25 +52,28 @@ from cnnreg import evaluate  # noqa: E402
 # What to run.  Our configurations: name -> `cnnreg register` arguments (besides the files).
 # ---------------------------------------------------------------------------------------
 _INSTANCE_LNCC = ["--mode", "instance", "--similarity", "lncc", "--regularizer", "diffusion"]
-# tuned on mni2mm for smooth warps: 3-voxel LNCC window, regularizer weight 0.5, control grid
-# 6 voxels (the coarser grid costs ~0.02 Dice on the real pair mni_colin, whose differences
-# are less smooth)
-_SMOOTH_WARPS = ["--window", "3", "--weight", "0.5", "--control-spacing", "6"]
+# tuned on mni2mm for smooth warps and speed: 3-voxel LNCC window, regularizer weight 0.5,
+# control grid 6 voxels, FAIM's folding-penalty weight 1 (the coarser grid costs ~0.03 Dice on
+# the real pair mni_colin, whose differences are less smooth)
+_SMOOTH_WARPS = ["--window", "3", "--weight", "0.5", "--control-spacing", "6", "--jacobian-weight", "1"]
+_LINEAR = ["--interpolation", "linear"]
 OUR_CONFIGS: dict[str, list[str]] = {
-    # instance mode with its defaults (LNCC window 5, control grid 4 voxels, 100/60/30 iterations)
+    # instance mode with its defaults: what `cnnreg register` does without options (cubic
+    # B-spline sampling, LNCC window 5, control grid 2 voxels, 100/60/60 iterations; see
+    # cnnreg.settings)
     "instance-lncc": _INSTANCE_LNCC,
-    # the fast setting: 20 iterations at full resolution
-    "instance-fast": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--iterations", "100,60,20"],
-    # the accurate setting: the moving image sampled by cubic B-spline in the similarity term
-    # (linear interpolation biases the optimum by a few tenths of a voxel), 40 iterations at
-    # each of the two finer levels
-    "instance-accurate": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--interpolation", "cubic", "--iterations", "100,40,40"],
+    # the fast setting: linear interpolation, 20 iterations at full resolution
+    "instance-fast": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, *_LINEAR, "--iterations", "100,60,20"],
+    # the smooth-warp setting with the moving image sampled by cubic B-spline (linear
+    # interpolation biases the optimum by a few tenths of a voxel), 40 iterations at each of
+    # the two finer levels (the "instance-accurate" of the runs before 2026-12-04)
+    "instance-smooth": [*_INSTANCE_LNCC, *_SMOOTH_WARPS, "--interpolation", "cubic", "--iterations", "100,40,40"],
     # instance mode with mutual information (for the phantom-to-image case, whose intensities differ)
     "instance-mi": ["--mode", "instance", "--similarity", "mi", "--regularizer", "diffusion"],
     # learned mode: one forward pass of the shipped weights (cnnreg/models, see the model card)
     "learned": ["--mode", "learned"],
     # the shipped network's field refined by the fast instance setting at two levels
-    "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, "--refine-iterations", "30,15"],
+    "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, *_LINEAR, "--refine-iterations", "30,15"],
     # phantom mode sized for a CPU: the U-Net works on <= 64^3 voxels, field upsampled
     "phantom-lncc": [
         "--mode",
@@ -553,7 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases:
             block = earlier["cases"].get(case)
             if block:
-                kept = [r for r in block["rows"] if r["method"] != "before" and r["method"] not in methods]
+                known = [r for r in block["rows"] if r["method"] in OUR_CONFIGS or r["method"] in peers.PEERS]
+                retired = sorted({r["method"] for r in block["rows"] if r not in known and r["method"] != "before"})
+                if retired:  # configurations no longer defined here: their rows are dropped
+                    print(f"[{case}] dropping the rows of retired configurations {retired}", flush=True)
+                kept = [r for r in known if r["method"] not in methods]
                 for row in kept:
                     row.setdefault("run_date", block.get("date", earlier.get("date")))
                     row["files"] = {}  # their files belong to the earlier run

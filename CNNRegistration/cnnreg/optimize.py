@@ -182,10 +182,12 @@ class CNNField(nn.Module):
         return self.base + residual
 
 
-def moving_sampler(settings: OptimizationSettings, moving: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``u -> moving(x + u(x))`` with the settings' interpolation; ``moving`` ``(N, C, *S)`` is
-    prefiltered once here for the cubic B-spline."""
-    if settings.interpolation is Interpolation.CUBIC:
+def moving_sampler(
+    settings: OptimizationSettings, moving: torch.Tensor, mode: Mode = Mode.INSTANCE
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``u -> moving(x + u(x))`` with the settings' interpolation (or ``mode``'s default);
+    ``moving`` ``(N, C, *S)`` is prefiltered once here for the cubic B-spline."""
+    if settings.interpolation_for(mode) is Interpolation.CUBIC:
         coefficients = bspline_coefficients(moving)
         return lambda u: warp_bspline(coefficients, u)
     return lambda u: warp(moving, u)
@@ -253,7 +255,7 @@ def run_pyramid(
     for level, (shape, level_iterations) in enumerate(zip(shapes, iterations)):
         fixed_level = resize_image(fixed, shape)
         moving_level = resize_image(moving, shape)
-        warp_moving = moving_sampler(settings, moving_level)
+        warp_moving = moving_sampler(settings, moving_level, mode)
         mask_level = resize_image(mask, shape) if mask is not None else None
         base = resize_field(u, shape)
         model = make_model(base)

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -159,6 +159,9 @@ def register(
     """
     settings = settings or RegistrationSettings()
     settings.validate()
+    # the mode's default interpolation made explicit (the summary and warped.nii.gz say which)
+    optimization = replace(settings.optimization, interpolation=settings.optimization.interpolation_for(settings.mode))
+    settings = replace(settings, optimization=optimization)
     im.check_image(fixed, "fixed image")
     im.check_image(moving, "moving image")
     im.check_pair(fixed, moving)

@@ -113,9 +113,9 @@ def _constant_itk_field(reference, d_lps):
     return field
 
 
-def _resample_with_field(moving, reference, field):
+def _resample_with_field(moving, reference, field, interpolator=sitk.sitkLinear):
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    return sitk.GetArrayFromImage(sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    return sitk.GetArrayFromImage(sitk.Resample(moving, reference, transform, interpolator, 0.0, sitk.sitkFloat32))
 
 
 def _inside(shape, u_voxels, margin=1.0):
@@ -220,7 +220,9 @@ def translation_registration(synth, tmp_path_factory):
         mode="instance",
         device="cpu",
         seed=0,
-        optimization=OptimizationSettings(similarity="mse", levels=2, iterations=(60, 40), window=5),
+        # 100 iterations at full resolution: the 2-voxel control grid of the defaults moves a
+        # constant shift more slowly than a coarser one (40 left 0.39 voxel, 100 leave 0.09)
+        optimization=OptimizationSettings(similarity="mse", levels=2, iterations=(60, 100), window=5),
     )
     result = register(fixed, moving, settings)
     out = tmp_path_factory.mktemp("translation")
@@ -241,7 +243,7 @@ def test_registration_recovers_the_translation(translation_registration):
     mean_mm = field[inside].mean(axis=0)
     mean_voxels = lps_to_voxel(mean_mm.reshape(1, 3), fixed.GetSpacing(), fixed.GetDirection())[:, 0]
     true_voxels = u_true[:, 0, 0, 0]
-    assert np.abs(mean_voxels - true_voxels).max() < 0.3, (mean_voxels, true_voxels)
+    assert np.abs(mean_voxels - true_voxels).max() < 0.2, (mean_voxels, true_voxels)
     # and the internal voxel field is the same thing (units converted once at the boundary)
     u = case["result"].u[0].numpy()
     np.testing.assert_allclose(u[:, inside].mean(axis=1), mean_voxels, atol=1e-6)
@@ -254,7 +256,9 @@ def test_written_warped_image_is_simpleitk_resampling_with_the_written_field(tra
     assert field.GetNumberOfComponentsPerPixel() == 3
     assert im.same_grid(field, case["fixed"])
     warped_file = sitk.GetArrayFromImage(sitk.ReadImage(paths["warped"]))
-    again = _resample_with_field(case["moving"], case["fixed"], field)
+    # the default interpolation is the cubic B-spline: SimpleITK's order-3 B-spline resampling
+    assert case["result"].summary["interpolation"] == "cubic"
+    again = _resample_with_field(case["moving"], case["fixed"], field, sitk.sitkBSpline)
     np.testing.assert_allclose(warped_file, again, atol=1e-5)
     # and the registration made the moving image look like the fixed one
     f = sitk.GetArrayFromImage(case["fixed"])
@@ -397,12 +401,13 @@ def phantom_run(mni_pair):
 
 @pytest.fixture(scope="module")
 def instance_run(mni_pair):
+    """The instance defaults (cubic B-spline sampling) with a short schedule."""
     return _run(mni_pair, "instance", iterations=(40, 30, 20))
 
 
 @pytest.fixture(scope="module")
-def cubic_run(mni_pair):
-    return _run(mni_pair, "instance", iterations=(40, 30, 20), interpolation="cubic")
+def linear_run(mni_pair):
+    return _run(mni_pair, "instance", iterations=(40, 30, 20), interpolation="linear")
 
 
 def _inverse_residual(u: np.ndarray, field: np.ndarray) -> np.ndarray:
@@ -415,23 +420,23 @@ def _inverse_residual(u: np.ndarray, field: np.ndarray) -> np.ndarray:
     return np.linalg.norm(u + back, axis=0)
 
 
-def test_cubic_interpolation_lands_closer_to_the_known_field(mni_pair, instance_run, cubic_run):
+def test_cubic_interpolation_lands_closer_to_the_known_field(mni_pair, linear_run, instance_run):
     # linear interpolation blurs least at whole-voxel shifts, which biases the optimum of a
     # blurred (resampled) moving image; the cubic B-spline hardly does (0.33 -> 0.25 voxel here)
     brain = mni_pair["fixed_labels"] > 0
     linear, cubic = (
         float(_inverse_residual(run["result"].u[0].numpy(), mni_pair["field"])[brain].mean())
-        for run in (instance_run, cubic_run)
+        for run in (linear_run, instance_run)
     )
     assert cubic < 0.85 * linear, (linear, cubic)
-    assert np.mean(cubic_run["after"]) > np.mean(instance_run["after"]), (instance_run["after"], cubic_run["after"])
-    assert instance_run["result"].summary["interpolation"] == "linear"
-    assert cubic_run["result"].summary["interpolation"] == "cubic"
+    assert np.mean(instance_run["after"]) > np.mean(linear_run["after"]), (linear_run["after"], instance_run["after"])
+    assert linear_run["result"].summary["interpolation"] == "linear"
+    assert instance_run["result"].summary["interpolation"] == "cubic"  # the default
     # warped.nii.gz is SimpleITK's cubic B-spline resampling of the moving image with the field
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(cubic_run["result"].displacement, sitk.sitkVectorFloat64))
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(instance_run["result"].displacement, sitk.sitkVectorFloat64))
     again = sitk.Resample(mni_pair["moving"], mni_pair["fixed"], transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
     np.testing.assert_allclose(
-        sitk.GetArrayFromImage(cubic_run["result"].warped), sitk.GetArrayFromImage(again), atol=1e-5
+        sitk.GetArrayFromImage(instance_run["result"].warped), sitk.GetArrayFromImage(again), atol=1e-5
     )
 
 

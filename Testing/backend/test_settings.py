@@ -21,6 +21,8 @@ from cnnreg.settings import (
     RegistrationSettings,
     Schedule,
     add_method_arguments,
+    command_line_arguments,
+    settings_from_args,
 )
 
 PACKAGE = os.path.dirname(cnnreg.__file__)
@@ -120,6 +122,27 @@ def test_every_choice_has_a_label_and_per_mode_defaults_cover_the_iterative_mode
         for member in enum_type:
             assert member.label() != member.value, member
     assert set(settings.DEFAULT_ITERATIONS) == {Mode.INSTANCE, Mode.PHANTOM}
+    assert set(settings.DEFAULT_INTERPOLATION) == set(Mode)
+    assert set(settings.DEFAULT_INTERPOLATION.values()) <= set(settings.SIMILARITY_INTERPOLATIONS)
+
+
+def test_interpolation_defaults_per_mode_and_an_explicit_choice_wins():
+    unset = OptimizationSettings()
+    assert unset.interpolation is None
+    assert unset.interpolation_for("instance") is Interpolation.CUBIC
+    assert unset.interpolation_for(Mode.LEARNED_REFINE) is Interpolation.CUBIC
+    assert unset.interpolation_for("phantom") is Interpolation.LINEAR
+    assert unset.interpolation_for(Mode.LEARNED) is Interpolation.LINEAR
+    assert OptimizationSettings(interpolation="linear").interpolation_for("instance") is Interpolation.LINEAR
+    # the command line: no option = None (the mode's default), and the help says which
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert parser.parse_args([]).interpolation is None
+    help_text = " ".join(parser.format_help().split())
+    assert "instance, learned-refine cubic" in help_text and "phantom, learned linear" in help_text
+    run = settings_from_args(parser.parse_args(["--mode", "phantom", "--interpolation", "cubic"]))
+    assert run.optimization.interpolation is Interpolation.CUBIC
+    assert command_line_arguments(run) == ["--mode", "phantom", "--interpolation", "cubic"]
     assert set(settings.DENSE_LEARNING_RATES) == set(settings.Optimizer)
 
 

@@ -57,8 +57,17 @@ def test_register_nodes_with_the_real_backend(scene, tmp_path):
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(maskLabelmap, mask)
     geometryBefore = {node.GetName(): ijkToRas(node) for node in (fixed, moving, labelmap)}
 
+    # linear sampling (not the cubic default): the warped volume is compared below with
+    # Slicer's own linear reslicing through the transform node
     settings = RegistrationSettings(
-        mode="instance", similarity="mse", regularizer="diffusion", weight=0.1, iterations=60, device="cpu", seed=0
+        mode="instance",
+        similarity="mse",
+        regularizer="diffusion",
+        weight=0.1,
+        iterations=60,
+        interpolation="linear",
+        device="cpu",
+        seed=0,
     )
     events = []
     job = registration.RegistrationJob(

@@ -100,9 +100,10 @@ def test_parameter_node_declaration(module):
     }
     for name in ("mode", "similarity", "regularizer", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
-    # interpolation: the choices the similarity term allows (the enum also holds nearest, for labels)
+    # interpolation: the mode's default or a choice the similarity term allows (the enum also
+    # holds nearest, for labels); the panel starts at the mode's default
     kind, choice = typing.get_args(hints["interpolation"])
-    assert kind is str and choice.choices == ["linear", "cubic"] and defaults["interpolation"] in choice.choices
+    assert kind is str and choice.choices == ["default", "linear", "cubic"] and defaults["interpolation"] == "default"
     for name in ("weight", "iterations"):
         limits = typing.get_args(hints[name])[1]
         assert limits.minimum <= defaults[name] <= limits.maximum
@@ -118,10 +119,15 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
-    assert settings.interpolation.value == "linear"
-    parameterNode.interpolation = module.Interpolation.CUBIC
+    assert settings.interpolation is None  # the mode's default (linear for phantom)
+    assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "linear"
+    assert "--interpolation" not in settings.commandLineArguments()
+    parameterNode.interpolation = "cubic"
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments()[settings.commandLineArguments().index("--interpolation") + 1] == "cubic"
+    logic.applyPreset(parameterNode, "Brain MRI")  # the benchmark's default command: no options
+    settings = logic.settingsFromParameterNode(parameterNode)
+    assert settings.commandLineArguments() == ["--mode", "instance"]
     text = logic.formatSummary(
         {
             "similarity": "lncc",

@@ -185,7 +185,7 @@ def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
         regularizer="tv",
         weight=0.5,
         iterations=7,
-        interpolation="cubic",
+        interpolation="linear",  # not the default, so it must reach the command line
         device="cpu",
         seed=3,
     )
@@ -200,7 +200,7 @@ def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
         ("--regularizer", "tv"),
         ("--weight", "0.5"),
         ("--iterations", "7"),
-        ("--interpolation", "cubic"),
+        ("--interpolation", "linear"),
         ("--device", "cpu"),
         ("--seed", "3"),
         ("--progress", "jsonl"),
