@@ -361,7 +361,7 @@ class OptimizationSettings:
             image: linear or cubic B-spline; None = the mode's default (:data:`DEFAULT_INTERPOLATION`).  Linear interpolation blurs by an amount that
             depends on the sub-voxel part of ``x + u(x)``, so a blurred moving image is matched
             best by shifts near whole voxels (a bias of a few tenths of a voxel); the cubic
-            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~3.5x the cost per warp.
+            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~1.3x the cost per iteration.
         features: width of the phantom CNN.
         max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
             upsampled to the fixed grid (bounds memory on large images).
