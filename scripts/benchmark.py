@@ -556,11 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases:
             block = earlier["cases"].get(case)
             if block:
-                known = [r for r in block["rows"] if r["method"] in OUR_CONFIGS or r["method"] in peers.PEERS]
-                retired = sorted({r["method"] for r in block["rows"] if r not in known and r["method"] != "before"})
-                if retired:  # configurations no longer defined here: their rows are dropped
-                    print(f"[{case}] dropping the rows of retired configurations {retired}", flush=True)
-                kept = [r for r in known if r["method"] not in methods]
+                # rows of configurations no longer defined here are dropped
+                retired = {r["method"] for r in block["rows"]} - {"before", *OUR_CONFIGS, *peers.PEERS}
+                if retired:
+                    print(f"[{case}] dropping the rows of retired configurations {sorted(retired)}", flush=True)
+                skip = {"before", *retired, *methods}
+                kept = [r for r in block["rows"] if r["method"] not in skip]
                 for row in kept:
                     row.setdefault("run_date", block.get("date", earlier.get("date")))
                     row["files"] = {}  # their files belong to the earlier run

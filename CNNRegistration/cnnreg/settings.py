@@ -318,10 +318,10 @@ def _option(
 
 
 def _interpolation_help() -> str:
-    per_mode = "; ".join(
-        f"{', '.join(m.value for m in DEFAULT_INTERPOLATION if DEFAULT_INTERPOLATION[m] is i)} {i.value}"
-        for i in dict.fromkeys(DEFAULT_INTERPOLATION.values())
-    )
+    modes_of: dict[Interpolation, list[str]] = {}
+    for mode, interpolation in DEFAULT_INTERPOLATION.items():
+        modes_of.setdefault(interpolation, []).append(mode.value)
+    per_mode = "; ".join(f"{', '.join(modes)} {interpolation.value}" for interpolation, modes in modes_of.items())
     return (
         "how the moving image is sampled, in the similarity term and in warped.nii.gz: linear, or cubic "
         f"B-spline (more accurate sub-voxel alignment, slower) (default per mode: {per_mode})"
@@ -358,10 +358,12 @@ class OptimizationSettings:
             spacing in voxels of the fixed grid (interpolated linearly; 1 = every voxel).
         optimizer: dense-field optimiser (:class:`Optimizer`).
         interpolation: how the similarity term (and the warped image) samples the moving
-            image: linear or cubic B-spline; None = the mode's default (:data:`DEFAULT_INTERPOLATION`).  Linear interpolation blurs by an amount that
+            image: linear or cubic B-spline; None = the mode's default
+            (:data:`DEFAULT_INTERPOLATION`).  Linear interpolation blurs by an amount that
             depends on the sub-voxel part of ``x + u(x)``, so a blurred moving image is matched
             best by shifts near whole voxels (a bias of a few tenths of a voxel); the cubic
-            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~1.3x the cost per iteration.
+            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~1.3x the cost
+            per iteration.
         features: width of the phantom CNN.
         max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
             upsampled to the fixed grid (bounds memory on large images).
@@ -371,8 +373,9 @@ class OptimizationSettings:
             (relative) for ``patience`` iterations.
 
     The defaults are the accurate setting, chosen with ``scripts/benchmark`` (README, Results):
-    cubic B-spline sampling in the dense-field modes, a 2-voxel control grid (a coarser grid costs Dice on the real
-    inter-subject pair MNI152 <-> Colin27, whose differences are not smooth), update smoothing
+    cubic B-spline sampling in the dense-field modes, a 2-voxel control grid (a coarser grid
+    costs Dice on the real inter-subject pair MNI152 <-> Colin27, whose differences are not
+    smooth), update smoothing
     1.25 voxels and 60 iterations at full resolution (less costs TRE on the smooth known warps),
     and a folding-penalty weight of 5 (with the 2-voxel grid, weight 1 left up to 0.05 % of the
     voxels folded on the real pair).  Tuned on mni2mm, itk_t1 and mni_colin; checked on

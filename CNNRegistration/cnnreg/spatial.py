@@ -200,7 +200,7 @@ def _bspline_reduce(flat, index, strides, weights, slopes, with_slopes, axis=0, 
     for k in range(4):
         shifted = offset + k * strides[axis]
         if axis == len(strides) - 1:
-            # index_select is several times faster than take on the CPU (same values)
+            # index_select: the same values as take, faster on the CPU (1.3x for a smooth field)
             part = flat.narrow(0, shifted, flat.numel() - shifted).index_select(0, index.reshape(-1)).view(index.shape)
             part_derivatives = []
         else:
