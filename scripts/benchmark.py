@@ -74,7 +74,8 @@ OUR_CONFIGS: dict[str, list[str]] = {
     "learned": ["--mode", "learned"],
     # the shipped network's field refined by the fast instance setting at two levels
     "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, *_LINEAR, "--refine-iterations", "30,15"],
-    # phantom mode sized for a CPU: the U-Net works on <= 64^3 voxels, field upsampled
+    # phantom mode with its defaults (the U-Net works on <= 64^3 voxels, 100/60/120
+    # iterations, field upsampled to the fixed grid)
     "phantom-lncc": [
         "--mode",
         "phantom",
@@ -82,10 +83,6 @@ OUR_CONFIGS: dict[str, list[str]] = {
         "lncc",
         "--regularizer",
         "diffusion",
-        "--max-cnn-voxels",
-        "262144",
-        "--iterations",
-        "100,60,40",
     ],
     # phantom mode as Chen et al. 2020 ran it for XCAT -> CT: PCC+SSIM, gradient-L2 weight 0.8
     "phantom-pcc-ssim": [
@@ -97,10 +94,6 @@ OUR_CONFIGS: dict[str, list[str]] = {
         "diffusion",
         "--weight",
         "0.8",
-        "--max-cnn-voxels",
-        "262144",
-        "--iterations",
-        "100,60,40",
     ],
 }
 #: appended to every configuration with --quick

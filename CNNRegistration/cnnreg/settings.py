@@ -187,8 +187,10 @@ def as_choice(value: Any, enum_type: type[Choice], what: str) -> Choice:
 
 # ----------------------------------------------------------------------------- defaults
 
-#: iterations per pyramid level, coarse to fine, when none are given
-DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (200, 100, 50)}
+#: iterations per pyramid level, coarse to fine, when none are given; the phantom CNN spends
+#: most at its finest level, where its Dice still rises (mni2mm 0.927 with 100,60,40 -> 0.943
+#: with 100,60,120), while 300 instead of 100 at the coarsest level added nothing
+DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (100, 60, 120)}
 
 #: how the moving image is sampled when no interpolation is given: the cubic B-spline for the
 #: dense-field modes (on the benchmark's brain cases it lowers TRE and raises Dice), linear
@@ -365,8 +367,9 @@ class OptimizationSettings:
             B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~1.3x the cost
             per iteration.
         features: width of the phantom CNN.
-        max_cnn_voxels: the phantom CNN runs on at most this many voxels; its field is
-            upsampled to the fixed grid (bounds memory on large images).
+        max_cnn_voxels: the phantom CNN runs on at most this many voxels (default 64^3); its
+            field is upsampled to the fixed grid.  This bounds time and memory: on mni2mm (96^3)
+            the 64^3 grid gave Dice 0.943 at 2.4x less time than the full grid gave 0.936.
         final_learning_rate: fraction of the learning rate reached at the end of each level
             (cosine decay; 1 = constant).
         patience, tolerance: stop a level when the loss has not improved by ``tolerance``
@@ -404,7 +407,7 @@ class OptimizationSettings:
         None, _interpolation_help(), values=SIMILARITY_INTERPOLATIONS, choice=Interpolation
     )
     features: int = _option(16, "phantom-mode CNN width", Number(int, 1))
-    max_cnn_voxels: int = _option(2**21, "phantom-mode working-grid size limit", Number(int, 1))
+    max_cnn_voxels: int = _option(2**18, "phantom-mode working-grid size limit (voxels)", Number(int, 1))
     final_learning_rate: float = _option(0.1, value=Number(float, 0, 1))
     patience: int = _option(20, value=Number(int, 1))
     tolerance: float = _option(1e-4, value=Number(float, 0))

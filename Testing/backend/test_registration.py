@@ -735,3 +735,32 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
         )
     assert level2[0] == pytest.approx(float(handed_over), abs=1e-5)
     assert min(level2) < level2[0] - 1e-3
+
+
+def test_the_phantom_network_keeps_its_features_from_vanishing():
+    """Kaiming initialisation for LeakyReLU: the features that reach the zero head keep the
+    input's scale (PyTorch's default initialisation left std 0.013 for an input of std 0.29,
+    too little for the head's Adam steps to move the field)."""
+    from cnnreg.optimize import phantom_network
+
+    torch.manual_seed(0)
+    network = phantom_network(3, 16)
+    pair = torch.rand((1, 2, 64, 64, 64))
+    features = []
+    network.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        field = network(pair)
+    assert float(field.abs().max()) == 0.0  # the head starts at zero: u = base at every level start
+    assert float(features[0].std()) > 0.5 * float(pair.std())
+
+
+def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
+    from cnnreg.optimize import CNNField, _learning_rate_factor
+
+    factors = [_learning_rate_factor(step, 100, 0.1, warmup=10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert factors[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone after the warm-up
+    assert _learning_rate_factor(0, 100, 0.1) == pytest.approx(1.0)  # dense fields: no warm-up
+    assert CNNField.warmup_iterations > 0
