@@ -74,7 +74,7 @@ OUR_CONFIGS: dict[str, list[str]] = {
     "learned": ["--mode", "learned"],
     # the shipped network's field refined by the fast instance setting at two levels
     "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, *_LINEAR, "--refine-iterations", "30,15"],
-    # phantom mode with its defaults (the U-Net works on <= 64^3 voxels, 100/60/120
+    # phantom mode with its defaults (the U-Net works on <= 128^3 voxels, 100/60/120
     # iterations, field upsampled to the fixed grid)
     "phantom-lncc": [
         "--mode",

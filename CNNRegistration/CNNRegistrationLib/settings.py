@@ -113,7 +113,7 @@ PRESETS = {
     ),
     # XCAT-like phantom to patient CT (Chen et al. 2020): no training, the CNN is
     # optimised on the pair with PCC+SSIM and a gradient-L2 weight of 0.8, with the
-    # backend's phantom schedule (100/60/120 iterations on a working grid of <= 64^3; the
+    # backend's phantom schedule (100/60/120 iterations on a working grid of <= 128^3; the
     # paper ran 8000 at full resolution on a GPU).
     "Phantom to CT": dict(
         mode=Mode.PHANTOM,
