@@ -445,6 +445,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             f"min det J {number('min_jacobian')}; SD log det J {number('sdlogj')}",
             f"{iterations} iterations in {number('seconds', '{:.1f}')} s on {summary.get('device', '?')}",
         ]
+        lines += [f"Warning: {warning}" for warning in summary.get("warnings") or []]
         if workDirectory:
             lines.append(f"Files kept in {workDirectory}")
         return "\n".join(lines)

@@ -107,6 +107,9 @@ def _run_register(args: argparse.Namespace) -> int:
     result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
     paths = write_result(result, out_dir, qc=not args.no_qc)
     report({"event": "done", "summary": result.summary, "files": paths})
+    if not report.jsonl:
+        for warning in result.summary["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     if not report.jsonl and args.progress != "none":
         s = result.summary
         print(

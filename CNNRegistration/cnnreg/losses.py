@@ -174,6 +174,14 @@ def similarity_value(
     return function(fixed, warped, mask, **options)
 
 
+def similarity_gain(name: Similarity | str, before: float, after: float) -> float:
+    """How much more similar ``after`` is than ``before`` (natural values of the named measure),
+    as the decrease of its loss: > 0 when the images became more similar, for every measure
+    (MSE falls, the others rise)."""
+    _, to_loss = _measure(name)
+    return float(to_loss(before)) - float(to_loss(after))
+
+
 def similarity_loss(
     name: Similarity | str, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, **options
 ) -> torch.Tensor:

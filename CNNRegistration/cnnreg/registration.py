@@ -31,7 +31,7 @@ from . import outputs
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import DeviceError, InputError
 from .jacobian import determinant_map, determinant_summary
-from .losses import similarity_options, similarity_value
+from .losses import similarity_gain, similarity_options, similarity_value
 from .optimize import ProgressCallback, optimize_cnn, optimize_field
 from .settings import OUTPUT_FILES, Interpolation, Mode, OptimizationSettings, RegistrationSettings, as_schedule
 from .spatial import warp
@@ -231,6 +231,13 @@ def register(
             "the optimisation diverged"
         )
 
+    warnings = []
+    if similarity_gain(opt.similarity, before, after) <= 0:
+        warnings.append(
+            f"the {opt.similarity.value} similarity did not improve ({before:.4f} -> {after:.4f}) with "
+            f"{list(ran.values())} iterations per level in {settings.mode.value} mode: the schedule may be too "
+            "short (raise --iterations, or leave it out for the mode's default) or the images may not overlap"
+        )
     summary = {
         "mode": settings.mode.value,
         "similarity": opt.similarity.value,
@@ -248,6 +255,7 @@ def register(
         "seconds": round(elapsed, 3),
         "similarity_before": before,
         "similarity_after": after,
+        "warnings": warnings,
         "fixed_size": list(fixed.GetSize()),
         "fixed_spacing": list(fixed.GetSpacing()),
         **jacobian,

@@ -775,3 +775,27 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
                 line = DefaultsHelpFormatter("cnnreg")._get_help_string(action)
                 assert "default" in line, f"{name} {action.option_strings}: default {action.default!r} not shown"
         assert "%(default)" not in text
+
+
+def test_a_registration_that_lowers_the_similarity_warns(inputs, tmp_path, capsys, monkeypatch):
+    """A field that makes the pair less similar (here: a forced 2-voxel shift of an image
+    registered to itself) still writes its results, but the summary and stderr say that the
+    similarity did not improve."""
+    import cnnreg.registration
+
+    def shifted(settings, fixed, moving, mask, callback):
+        callback({"event": "progress", "stage": "level 1/1", "iteration": 1})
+        u = fixed.new_zeros((1, 3, *fixed.shape[2:]))
+        u[:, 0] = 2.0
+        return u
+
+    monkeypatch.setattr(cnnreg.registration, "_estimate_field", shifted)
+    out = tmp_path / "worse"
+    extra = ["--mode", "instance", "--no-qc", "--progress", "none", *FAST]
+    code = main(_register_args(inputs, out, *extra, moving="fixed.nii.gz"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["similarity_after"] < summary["similarity_before"]  # LNCC: higher is better
+    assert len(summary["warnings"]) == 1 and "did not improve" in summary["warnings"][0]
+    assert "warning: the lncc similarity did not improve" in captured.err

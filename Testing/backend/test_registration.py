@@ -458,6 +458,7 @@ def test_registration_of_the_real_pair(request, mni_pair, run_name, margin):
     assert summary["similarity_after"] > summary["similarity_before"] + 0.03
     assert summary["folding_percent"] < 1.0
     assert summary["min_jacobian"] > 0.0
+    assert summary["warnings"] == []
     assert SUMMARY_KEYS <= set(summary)
 
 
@@ -764,3 +765,21 @@ def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone after the warm-up
     assert _learning_rate_factor(0, 100, 0.1) == pytest.approx(1.0)  # dense fields: no warm-up
     assert CNNField.warmup_iterations > 0
+
+
+@pytest.mark.parametrize(
+    "name, before, after, gain",
+    [
+        ("lncc", 0.2, 0.5, 0.3),
+        ("pcc", 0.9, 0.8, -0.1),
+        ("ssim", 0.5, 0.5, 0.0),
+        ("mi", 0.4, 0.7, 0.3),
+        ("pcc+ssim", 0.3, 0.6, 0.3),
+        ("mse", 0.02, 0.01, 0.01),
+        ("mse", 0.01, 0.03, -0.02),
+    ],
+)
+def test_similarity_gain_is_positive_when_the_images_became_more_similar(name, before, after, gain):
+    from cnnreg.losses import similarity_gain
+
+    assert similarity_gain(name, before, after) == pytest.approx(gain)

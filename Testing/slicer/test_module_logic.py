@@ -145,6 +145,9 @@ def test_logic_settings_presets_and_summary_text(module):
     assert "-0.2 before, -0.6 after" in text and "0.012 %" in text and "/tmp/kept" in text
     assert "190 (100 + 60 + 30) iterations in 12.3 s" in text
     assert "n/a" in logic.formatSummary({})
+    assert "Warning: the lncc similarity did not improve" in logic.formatSummary(
+        {"warnings": ["the lncc similarity did not improve (0.3 -> 0.2)"]}
+    )
 
 
 def backendImportable() -> bool:
