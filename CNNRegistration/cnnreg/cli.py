@@ -107,17 +107,17 @@ def _run_register(args: argparse.Namespace) -> int:
     result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
     paths = write_result(result, out_dir, qc=not args.no_qc)
     report({"event": "done", "summary": result.summary, "files": paths})
-    if not report.jsonl:
-        for warning in result.summary["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-    if not report.jsonl and args.progress != "none":
+    if not report.jsonl:  # JSON lines carry the warnings in the "done" event's summary
         s = result.summary
-        print(
-            f"registered in {s['seconds']:.1f} s on {s['device']}: {s['similarity']} "
-            f"{s['similarity_before']:.4f} -> {s['similarity_after']:.4f}, folding {s['folding_percent']:.4f} %, "
-            f"min det J {s['min_jacobian']:.3f}; results in {out_dir}",
-            file=sys.stderr,
-        )
+        for warning in s["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        if args.progress != "none":
+            print(
+                f"registered in {s['seconds']:.1f} s on {s['device']}: {s['similarity']} "
+                f"{s['similarity_before']:.4f} -> {s['similarity_after']:.4f}, folding {s['folding_percent']:.4f} %, "
+                f"min det J {s['min_jacobian']:.3f}; results in {out_dir}",
+                file=sys.stderr,
+            )
     return 0
 
 

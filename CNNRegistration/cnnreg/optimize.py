@@ -119,6 +119,8 @@ class DenseField(nn.Module):
     starts at 0).  ``p`` lives on a control grid of ``control_shape`` (the level's grid when
     None) and is interpolated linearly to the level's grid, like a B-spline control grid."""
 
+    warmup_iterations = 0  # dense-field optimisers start at the full step
+
     def __init__(self, base: torch.Tensor, smoothing: float, control_shape: Sequence[int] | None = None):
         super().__init__()
         self.register_buffer("base", base.detach().clone())
@@ -173,8 +175,8 @@ class CNNField(nn.Module):
     """
 
     head_factor = 5.0
-    #: iterations of linear learning-rate warm-up at the start of each level: a new Adam's first
-    #: steps move every weight by about the full learning rate at once
+    #: iterations of linear learning-rate warm-up at the start of each level (at most a quarter
+    #: of the level's): a new Adam's first steps move every weight by about the full rate at once
     warmup_iterations = 15
 
     def __init__(self, network: VoxelMorphNet, base: torch.Tensor, smoothing: float = 0.0):
@@ -253,7 +255,8 @@ def run_pyramid(
     Args:
         fixed, moving: ``(1, 1, *S)`` normalised images on the same grid.
         make_model: builds the module to optimise from the level's initial field
-            ``base`` ``(1, ndim, *S_level)``; its ``forward(fixed, moving)`` returns ``u``.
+            ``base`` ``(1, ndim, *S_level)``; its ``forward(fixed, moving)`` returns ``u`` and its
+            ``warmup_iterations`` sets the level's learning-rate warm-up.
         shapes: level grid sizes, coarse to fine.
         initial: optional starting field ``(1, ndim, *S_any)`` in voxels of its own grid.
         mask: optional fixed-image weights ``(1, 1, *S)``.
@@ -290,7 +293,7 @@ def run_pyramid(
                 _learning_rate_factor,
                 steps=level_iterations,
                 final=settings.final_learning_rate,
-                warmup=min(getattr(model, "warmup_iterations", 0), level_iterations // 4),
+                warmup=min(model.warmup_iterations, level_iterations // 4),
             ),
         )
         best, since_best = math.inf, 0

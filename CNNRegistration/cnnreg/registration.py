@@ -231,11 +231,12 @@ def register(
             "the optimisation diverged"
         )
 
+    iterations_ran = list(ran.values())
     warnings = []
     if similarity_gain(opt.similarity, before, after) <= 0:
         warnings.append(
             f"the {opt.similarity.value} similarity did not improve ({before:.4f} -> {after:.4f}) with "
-            f"{list(ran.values())} iterations per level in {settings.mode.value} mode: the schedule may be too "
+            f"{iterations_ran} iterations per level in {settings.mode.value} mode: the schedule may be too "
             "short (raise --iterations, or leave it out for the mode's default) or the images may not overlap"
         )
     summary = {
@@ -245,7 +246,7 @@ def register(
         "weight": opt.weight,
         "jacobian_weight": opt.jacobian_weight,
         "levels": len(ran),
-        "iterations": list(ran.values()),
+        "iterations": iterations_ran,
         "iterations_requested": settings.iterations_requested(),
         "device": describe_device(device),
         "seed": settings.seed,
