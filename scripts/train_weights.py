@@ -46,6 +46,7 @@ The shared data loaders (MNI volume, Otsu tissues, reproducible affine) come fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import re
@@ -77,6 +78,17 @@ from cnnreg.progress import ProgressReporter  # noqa: E402
 from cnnreg.spatial import integrate_velocity  # noqa: E402
 from cnnreg.synth import multiscale_velocity  # noqa: E402
 from cnnreg.train import output_paths, settings_from_dict, train  # noqa: E402
+
+
+@dataclasses.dataclass
+class Stage:
+    """One training run of a recipe: its resumable run file, settings and last epoch (None = all)."""
+
+    name: str
+    run_path: Path
+    settings: object  # cnnreg.train.TrainSettings
+    until_epoch: int | None
+
 
 DEFAULT_OUT = ROOT / "CNNRegistration" / "cnnreg" / "models"
 DEFAULT_WORK = ROOT / "Resources" / "Training"
@@ -122,7 +134,31 @@ RECIPES = {
             "final_learning_rate": 3e-5,
             "synthetic": {**_SYNTHETIC, "max_displacement": 5.0},
         },
+        # the 64^3 stage stops after this epoch (its learning-rate schedule spans the 80 planned)
+        "until_epoch": 42,
         "quick": {"working_shape": [32, 32, 32], "epochs": 2, "steps_per_epoch": 3, "warmup_steps": 2},
+        "quick_until_epoch": 1,
+        # then the same network is fine-tuned on the reference grid itself (96^3, 2 mm), which
+        # learned mode runs at: lengths in voxels scaled by 1.5 to keep them in mm
+        "finetune": {
+            "run": "vxm3d_brain_96.pt",
+            "settings": {
+                "working_shape": [96, 96, 96],
+                "warmup_steps": 0,
+                "epochs": 20,
+                "steps_per_epoch": 200,
+                "learning_rate": 1e-4,
+                "final_learning_rate": 1e-5,
+                "synthetic": {
+                    **_SYNTHETIC,
+                    "max_displacement": 7.5,
+                    "spacings": [6, 12, 24],
+                    "subject_displacement": 4.5,
+                    "max_blur": 1.5,
+                },
+            },
+            "quick": {"working_shape": [48, 48, 48], "epochs": 2, "steps_per_epoch": 2},
+        },
     },
     "2d": {
         "file": "vxm2d_brain.pt",
@@ -545,40 +581,80 @@ def main(argv=None) -> int:
             values["epochs"] = args.epochs
         if args.steps_per_epoch:
             values["steps_per_epoch"] = args.steps_per_epoch
-        settings = settings_from_dict(values)
-        sources, val_pairs, held_out = datasets(key, data, settings)
-        log(
-            f"{key}: {len(sources)} training sources, {len(val_pairs)} held-out validation pairs at {settings.working_shape}"
-        )
-        run_path = work_dir / recipe["file"]
-        paths = output_paths(run_path)
-        resume = paths["last"] if args.resume and Path(paths["last"]).is_file() else None
-        if not (args.resume or args.package) and Path(paths["last"]).is_file() and not args.quick:
-            log(f"{paths['last']} exists: pass --resume to continue it, or remove it to start again")
-            return 2
-        epoch_log = work_dir / f"{Path(recipe['file']).stem}_log.jsonl"
+        stages = [
+            Stage(
+                "base",
+                work_dir / recipe["file"],
+                settings_from_dict(values),
+                recipe.get("quick_until_epoch" if args.quick else "until_epoch"),
+            )
+        ]
+        if "finetune" in recipe:
+            tune = recipe["finetune"]
+            tuned = {**values, **tune["settings"], **(tune.get("quick", {}) if args.quick else {})}
+            stages.append(Stage("finetune", work_dir / tune["run"], settings_from_dict(tuned), None))
+        if not (args.resume or args.package or args.quick):
+            existing = [str(output_paths(st.run_path)["last"]) for st in stages]
+            existing = [path for path in existing if Path(path).is_file()]
+            if existing:
+                log(f"{existing[0]} exists: pass --resume to continue it, or remove it to start again")
+                return 2
+        done_stages = []
+        for index, stage in enumerate(stages):
+            sources, val_pairs, held_out = datasets(key, data, stage.settings)
+            log(
+                f"{key} ({stage.name}): {len(sources)} training sources, {len(val_pairs)} held-out validation "
+                f"pairs at {stage.settings.working_shape}"
+            )
+            paths = output_paths(stage.run_path)
+            resume = paths["last"] if Path(paths["last"]).is_file() and (args.resume or args.package) else None
+            if args.package and resume is None:
+                log(f"{key} ({stage.name}): nothing to package ({paths['last']} does not exist)")
+                break
+            initial = done_stages[-1][0].run_path if index > 0 else None  # the previous stage's best epoch
+            epoch_log = work_dir / f"{stage.run_path.stem}_log.jsonl"
 
-        def report(event: dict, epoch_log=epoch_log) -> None:
-            if event.get("event") == "epoch":
-                with open(epoch_log, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(plain(event)) + "\n")
-            reporter(event)
+            def report(event: dict, epoch_log=epoch_log) -> None:
+                if event.get("event") == "epoch":
+                    with open(epoch_log, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(plain(event)) + "\n")
+                reporter(event)
 
-        if args.package and not Path(paths["last"]).is_file():
-            log(f"{key}: nothing to package ({paths['last']} does not exist)")
+            limit = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
+            if args.package:
+                limit = 0.0
+            summary = train(
+                stage.settings,
+                sources,
+                [],
+                stage.run_path,
+                resume=resume,
+                callback=report,
+                val_pairs=val_pairs,
+                time_limit=limit,
+                initial_weights=initial,
+                until_epoch=stage.until_epoch,
+            )
+            done_stages.append((stage, summary, sources, val_pairs, held_out))
+            planned = stage.until_epoch or stage.settings.epochs
+            if summary["stopped"] or summary["epochs_done"] < planned:
+                break
+        if not done_stages:
             continue
-        limit = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
-        if args.package:
-            resume, limit = paths["last"], 0.0
-        summary = train(
-            settings, sources, [], run_path, resume=resume, callback=report, val_pairs=val_pairs, time_limit=limit
-        )
+        stage, summary, sources, val_pairs, held_out = done_stages[-1]
+        settings = stage.settings
         target = out_dir / recipe["file"]
-        shutil.copyfile(run_path, target)
-        checkpoint = load_checkpoint(run_path)  # (the copy is checked against models.json once that is rewritten)
+        shutil.copyfile(stage.run_path, target)
+        checkpoint = load_checkpoint(stage.run_path)  # (the copy is checked against models.json once that is rewritten)
         history = checkpoint.training.get("history", [])
-        last = load_checkpoint(paths["last"]).training.get("history", [])
-        steps_done = len(last) * settings.steps_per_epoch
+        runs = [
+            load_checkpoint(output_paths(st.run_path)["last"]).training.get("history", []) for st, *_ in done_stages
+        ]
+        epochs = [h for run in runs for h in run]
+        steps_done = sum(len(run) * st.settings.steps_per_epoch for run, (st, *_) in zip(runs, done_stages))
+        steps_planned = sum((st.until_epoch or st.settings.epochs) * st.settings.steps_per_epoch for st in stages)
+        finished = len(done_stages) == len(stages) and len(runs[-1]) >= (stage.until_epoch or settings.epochs)
+        earlier_steps = steps_done - len(runs[-1]) * settings.steps_per_epoch
         entries.append(
             {
                 "file": recipe["file"],
@@ -594,15 +670,26 @@ def main(argv=None) -> int:
                 "validation": _validation_groups(checkpoint.network, val_pairs, settings),
                 "held_out": held_out,
                 "settings": plain(settings.to_dict()),
+                "stages": [
+                    {
+                        "name": st.name,
+                        "working_shape": list(st.settings.shape_for(checkpoint.ndim)),
+                        "epochs_done": len(run),
+                        "epochs_planned": st.until_epoch or st.settings.epochs,
+                        "steps_per_epoch": st.settings.steps_per_epoch,
+                        "best": (load_checkpoint(st.run_path).training.get("best") or {}),
+                    }
+                    for run, (st, *_) in zip(runs, done_stages)
+                ],
                 "training_run": {
-                    "epochs_done": len(last),
+                    "epochs_done": len(epochs),
                     "steps_done": steps_done,
-                    "steps_planned": settings.epochs * settings.steps_per_epoch,
-                    "finished": len(last) >= settings.epochs,
-                    "cpu_hours": round(sum(h["seconds"] * h.get("threads", 1) for h in last) / 3600.0, 2),
-                    "wall_hours": round(sum(h["seconds"] for h in last) / 3600.0, 2),
-                    "threads": sorted({h.get("threads", 1) for h in last}),
-                    "shipped_epoch_steps": len(history) * settings.steps_per_epoch,
+                    "steps_planned": steps_planned,
+                    "finished": finished,
+                    "cpu_hours": round(sum(h["seconds"] * h.get("threads", 1) for h in epochs) / 3600.0, 2),
+                    "wall_hours": round(sum(h["seconds"] for h in epochs) / 3600.0, 2),
+                    "threads": sorted({h.get("threads", 1) for h in epochs}),
+                    "shipped_epoch_steps": earlier_steps + len(history) * settings.steps_per_epoch,
                 },
                 "train_sources": [s.name for s in sources],
                 "quick": args.quick,
@@ -610,9 +697,10 @@ def main(argv=None) -> int:
         )
         best = summary["best"] or {}
         log(
-            f"{key}: {len(last)} epochs ({steps_done} steps) so far, best epoch {best.get('epoch')}, validation Dice "
-            f"{_fmt(best.get('val_dice_before'))} -> {_fmt(best.get('val_dice'))}, end-point error "
-            f"{_fmt(best.get('val_end_point_error'), 2)}; {'packaged' if args.package else 'stopped at the time limit' if summary['stopped'] else 'done'}; {target}"
+            f"{key}: {len(epochs)} epochs ({steps_done} steps) so far, shipped: {stage.name} stage, best epoch "
+            f"{best.get('epoch')}, validation Dice {_fmt(best.get('val_dice_before'))} -> {_fmt(best.get('val_dice'))}, "
+            f"end-point error {_fmt(best.get('val_end_point_error'), 2)}; "
+            f"{'packaged' if args.package else 'stopped at the time limit' if summary['stopped'] else 'done'}; {target}"
         )
         if summary["stopped"] and not args.package:
             break

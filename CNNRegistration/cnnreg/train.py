@@ -542,6 +542,8 @@ def train(
     device: torch.device | None = None,
     val_pairs: Sequence[PairBatch] | None = None,
     time_limit: float | None = None,
+    initial_weights: str | os.PathLike | None = None,
+    until_epoch: int | None = None,
 ) -> dict:
     """Train and write checkpoints (see the module docstring); returns a summary dict.
 
@@ -559,6 +561,12 @@ def train(
         time_limit: seconds; no epoch is started that would (at the last epoch's pace) end after
             it (none at all when <= 0: only the summary of a resumed run), so a long run can be split into sessions (``resume`` continues it).  The
             summary then has ``"stopped": True``.
+        initial_weights: a checkpoint of the same network (architecture and configuration)
+            whose weights start a new run, e.g. to fine-tune on a finer working grid; the
+            optimiser, epochs and history start afresh.  Ignored when ``resume`` is given.
+        until_epoch: stop after this epoch (default ``settings.epochs``); the learning-rate
+            schedule still spans ``settings.epochs``, so a run cut short here is the first part of
+            the full one.
     """
     if not train_samples:
         raise InputError("no training images")
@@ -576,20 +584,24 @@ def train(
     network = build_training_network(settings, ndim).to(device)
     start_epoch, history, best = 0, [], None
     optimizer_states = None
-    if resume is not None:
-        checkpoint = load_checkpoint(resume, expected_ndim=ndim)
+    start_from = resume if resume is not None else initial_weights
+    if start_from is not None:
+        checkpoint = load_checkpoint(start_from, expected_ndim=ndim)
         if checkpoint.architecture != type(network).__name__ or plain(checkpoint.network.config) != plain(
             network.config
         ):
             raise InputError(
-                f"cannot resume from {resume}: it holds {checkpoint.architecture} {plain(checkpoint.network.config)} "
+                f"cannot {'resume' if resume is not None else 'start'} from {start_from}: it holds "
+                f"{checkpoint.architecture} {plain(checkpoint.network.config)} "
                 f"but the settings build {type(network).__name__} {plain(network.config)}"
             )
         network.load_state_dict(checkpoint.network.state_dict())
+    if resume is not None:
         start_epoch = int(checkpoint.extra.get("epoch", 0))
         history = list(checkpoint.training.get("history", []))
         best = checkpoint.training.get("best")
         optimizer_states = checkpoint.extra.get("optimizers")
+    last_epoch = settings.epochs if until_epoch is None else min(int(until_epoch), settings.epochs)
     parts = wrap_parallel(network, info, device)
     groups = {"base": network.base if parts.is_cascade else network}
     if parts.is_cascade:
@@ -627,13 +639,14 @@ def train(
             "device": describe_device(device),
             "world_size": info.world_size,
             "start_epoch": start_epoch,
+            "initial_weights": None if resume is not None or initial_weights is None else os.fspath(initial_weights),
             "out": paths["best"],
         }
     )
     total_steps = settings.epochs * settings.steps_per_epoch
     started = time.perf_counter()
     stopped = False
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(start_epoch, last_epoch):
         last_seconds = history[-1]["seconds"] if history and epoch > start_epoch else 0.0
         out_of_time = time_limit is not None and (
             time_limit <= 0 or (epoch > start_epoch and time.perf_counter() - started + last_seconds > time_limit)
