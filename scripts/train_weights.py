@@ -19,8 +19,8 @@ card ``README.md``; ``--resume`` continues from the ``.last.pt``.
 Data (installed by package managers on a fresh machine; nothing is downloaded at run time):
 
 * MNI152 2009a T1 (nilearn, ``load_mni152_template``), also the reference grid: 2 mm, cropped
-  to 96^3 around the brain (the ``mni2mm`` benchmark grid); the 3D network works on it
-  resampled to 64^3 (3 mm);
+  to 96^3 around the brain (the ``mni2mm`` benchmark grid); the 3D network is trained on it
+  resampled to 64^3 (3 mm), then fine-tuned on the 96^3 grid itself (the ``finetune`` stage);
 * Colin27 ``ch2bet`` with the AAL atlas (Debian ``mricron-data``), affinely aligned to MNI152;
 * ITK's KmeansTest T1 times its skull-strip brain mask (Debian ``insighttoolkit5-examples``)
   -- **held out**, validation only; so is the real MNI152 <-> Colin27 pair (training never
@@ -46,7 +46,6 @@ The shared data loaders (MNI volume, Otsu tissues, reproducible affine) come fro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import re
@@ -56,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -80,8 +80,7 @@ from cnnreg.synth import multiscale_velocity  # noqa: E402
 from cnnreg.train import output_paths, settings_from_dict, train  # noqa: E402
 
 
-@dataclasses.dataclass
-class Stage:
+class Stage(NamedTuple):
     """One training run of a recipe: its resumable run file, settings and last epoch (None = all)."""
 
     name: str
@@ -403,11 +402,20 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
     ]
     for e in entries:
         t = e["training_run"]
+        stages = e.get("stages") or [
+            {"name": "", "working_shape": e["working_shape"], "epochs_done": t["epochs_done"], "epochs_planned": e["settings"]["epochs"]}
+        ]
+        epochs = ", ".join(
+            f"{(s['name'] + ' ') if len(stages) > 1 else ''}{'x'.join(map(str, s['working_shape']))}: "
+            f"{s['epochs_done']}/{s['epochs_planned']} epochs"
+            for s in stages
+        )
+        best = (e["best"] or {}).get("epoch")
         lines.append(
             f"| `{e['file']}` | {e['ndim']}D | {e['architecture']} | {e['parameters']:,} | "
             f"{'x'.join(map(str, e['working_shape']))} | {t['steps_done']:,} of {t['steps_planned']:,} steps "
-            f"({t['epochs_done']}/{e['settings']['epochs']} epochs){'' if t['finished'] else ', **in progress**'} | "
-            f"{(e['best'] or {}).get('epoch')} | {t['cpu_hours']:.1f} | {t['threads']} |"
+            f"({epochs}){'' if t['finished'] else ', **in progress**'} | "
+            f"{best}{' of ' + stages[-1]['name'] if len(stages) > 1 else ''} | {t['cpu_hours']:.1f} | {t['threads']} |"
         )
     lines += ["", "## Validation (held out; numbers of the shipped epoch)", ""]
     lines += [
@@ -433,8 +441,10 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "(e.g. `--affine`, or images in MNI space), framed roughly like the training data: the brain filling",
         "a ~192 mm cube (3D) or a 160 x 192 mm axial slice (2D).  Inputs are max-normalised",
         "(`--normalization max`, the default).  `cnnreg.learned.predict_field` resamples the pair to the",
-        "working grid, runs one forward pass and resamples the field back (grids more than 4x larger or",
-        "smaller than the working grid along an axis are refused).  Use `learned-refine` for accuracy:",
+        "working grid, runs one forward pass (the pair both ways as a batch of two: the velocity is",
+        "(v(m, f) - v(f, m)) / 2, so swapping the images gives the inverse map) and resamples the field",
+        "back (grids more than 4x larger or smaller than the working grid along an axis are refused).",
+        "Use `learned-refine` for accuracy:",
         "the prediction is then the start of a short instance optimisation.  Research software: not for",
         "clinical use.",
         "",
@@ -448,7 +458,7 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "| the real MNI152 <-> Colin27 pair | (the two above) | | **held out: never paired in training** |",
         "",
         "Colin27 and the ITK T1 are affinely aligned to MNI152 (SimpleITK, Mattes MI, 3 levels), resampled",
-        "onto the reference grid (MNI152 at 2 mm cropped to 96^3; the network sees it at 64^3), divided by",
+        "onto the reference grid (MNI152 at 2 mm cropped to 96^3), divided by",
         "their 99.9th percentile and clipped to [0, 1].  The images are not redistributed here.",
         "",
         "## Training",
@@ -461,6 +471,10 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "gamma, contrast, bias field and noise change each side independently.  The first `warmup_steps`",
         "minimise the squared error to the known field alone; then LNCC (9 voxels) + diffusion + 0.1 x",
         "negative-Jacobian penalty + `supervised_weight` x the field error.  Adam, cosine decay per epoch.",
+        "The 3D recipe runs in two stages: 64^3 (3 mm) for the first epochs of a longer cosine schedule,",
+        "then the same network, from the best 64^3 epoch, fine-tuned on the 96^3 reference grid (2 mm, the",
+        "grid learned mode runs at) with lengths in voxels scaled by 1.5 and a lower learning rate; the",
+        "settings below are the shipped stage's.",
         "",
     ]
     for e in entries:

@@ -46,7 +46,7 @@ class RegistrationSettings:
     ``learned``; 0 leaves it to the backend's default.  ``interpolation`` samples the moving
     image in the similarity term and in the warped volume (one of
     :data:`SIMILARITY_INTERPOLATIONS`, or None / :data:`MODE_DEFAULT` for the mode's default:
-    cubic B-spline for instance and learned-refine, linear for phantom and learned). Defaults
+    cubic B-spline for instance, learned-refine and phantom, linear for learned). Defaults
     are the backend's.
     """
 

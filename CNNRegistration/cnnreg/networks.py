@@ -190,9 +190,38 @@ class RegistrationNetwork(nn.Module):
         """The raw network output on ``x``'s grid (a velocity when ``diffeomorphic``)."""
         return self.on_padded_grid(x, self.predict)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels."""
-        out = self.velocity_or_displacement(x)
+    @property
+    def supports_symmetric(self) -> bool:
+        """Whether :meth:`forward` can average the two directions: a velocity network (a
+        displacement's inverse is not its negative) on the pair alone (2 input channels)."""
+        return self.diffeomorphic and self.config.get("in_channels", 2) == 2
+
+    def _both_directions(self, x: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        """``x`` or, when ``symmetric``, ``x`` stacked on the batch with its pair swapped
+        (``(2N, 2, *S)``: ``cat(moving, fixed)`` then ``cat(fixed, moving)``)."""
+        if not symmetric:
+            return x
+        if not self.supports_symmetric:
+            raise ValueError(f"symmetric prediction needs a velocity network on the image pair, not {self.config}")
+        return torch.cat([x, x.flip(1)], dim=0)
+
+    @staticmethod
+    def _antisymmetric_part(velocity: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        """``(v(m, f) - v(f, m)) / 2`` from the stacked ``(2N, ndim, *S)`` output (or ``velocity``)."""
+        if not symmetric:
+            return velocity
+        forward, backward = velocity.chunk(2, dim=0)
+        return 0.5 * (forward - backward)
+
+    def forward(self, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+        """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels.
+
+        ``symmetric`` (velocity networks only): the velocity is the mean of the prediction for
+        the pair and the negated prediction for the swapped pair, ``(v(m, f) - v(f, m)) / 2``,
+        both in one batched pass, so the field does not depend on which image is called fixed
+        beyond the inverse (``exp(-v)`` is the inverse of ``exp(v)``).
+        """
+        out = self._antisymmetric_part(self.velocity_or_displacement(self._both_directions(x, symmetric)), symmetric)
         if self.diffeomorphic:
             out = integrate_velocity(out, self.integration_steps)
         return out
@@ -373,18 +402,19 @@ class VoxelMorphNet(RegistrationNetwork):
                 x = torch.cat([x, skips[index]], dim=1)
         return self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels."""
+    def forward(self, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+        """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels
+        (``symmetric``: see :meth:`RegistrationNetwork.forward`)."""
         if not self.half_resolution:
-            return super().forward(x)
+            return super().forward(x, symmetric=symmetric)
 
         def full_grid_field(padded: torch.Tensor) -> torch.Tensor:
-            out = self.predict(padded)  # (N, ndim, *padded / 2), half-grid voxels
+            out = self._antisymmetric_part(self.predict(padded), symmetric)  # (N, ndim, *padded / 2), half-grid voxels
             if self.diffeomorphic:
                 out = integrate_velocity(out, self.integration_steps)
             return resize_field(out, padded.shape[2:])  # input-grid voxels
 
-        return self.on_padded_grid(x, full_grid_field)
+        return self.on_padded_grid(self._both_directions(x, symmetric), full_grid_field)
 
 
 class CascadeNet(nn.Module):

@@ -272,6 +272,46 @@ def test_predict_field_returns_a_field_on_the_fixed_grid(tmp_path, ndim):
     assert u.abs().max() > 0
 
 
+@pytest.mark.parametrize("half_resolution", [False, True])
+def test_symmetric_prediction_averages_both_directions_and_swapping_gives_the_inverse(tmp_path, half_resolution):
+    """``exp((v(m, f) - v(f, m)) / 2)``: the swapped pair gets exactly the negated velocity, so the
+    two fields are each other's inverse up to the integration's error; the plain predictions of a
+    (perturbed, hence asymmetric) network are far from that."""
+    torch.manual_seed(0)  # the trunk's initialisation
+    network = _perturb(VoxelMorphNet(3, diffeomorphic=True, half_resolution=half_resolution), scale=5.0).eval()
+    path = tmp_path / "vxm.pt"
+    save_checkpoint(path, network, {"working_shape": (32, 32, 32)})
+    pair = _pair((32, 32, 32))
+    fixed, moving = pair[:, 1:], pair[:, :1]
+    forward, backward = predict_field(fixed, moving, path), predict_field(moving, fixed, path)
+    assert predict_field(fixed, moving, path, symmetric=True).equal(forward)  # the default for a velocity network
+    assert forward.abs().max() > 0.3
+    with torch.no_grad():
+        velocity = network.predict if half_resolution else network.velocity_or_displacement
+        v_mf, v_fm = velocity(pair), velocity(pair.flip(1))
+        assert (v_mf + v_fm).abs().max() > 0.3  # the network alone is far from antisymmetric
+        half_difference = 0.5 * (v_mf - v_fm)
+        expected = [integrate_velocity(v, 7) for v in (half_difference, -half_difference)]
+        if half_resolution:
+            expected = [resize_field(u, (32, 32, 32)) for u in expected]
+    torch.testing.assert_close(forward, expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(backward, expected[1], rtol=1e-4, atol=1e-5)
+    plain_forward = predict_field(fixed, moving, path, symmetric=False)
+    plain_backward = predict_field(moving, fixed, path, symmetric=False)
+    symmetric_error = compose(forward, backward).abs().mean()
+    plain_error = compose(plain_forward, plain_backward).abs().mean()
+    assert symmetric_error < 0.1 * plain_error, (symmetric_error, plain_error)
+
+
+def test_symmetric_prediction_needs_a_velocity_network(tmp_path):
+    path = tmp_path / "faim.pt"
+    save_checkpoint(path, _perturb(FAIMNet(2)), {"working_shape": (16, 16)})
+    image = torch.rand(1, 1, 16, 16)
+    with pytest.raises(InputError, match="cannot predict symmetrically"):
+        predict_field(image, image.flip(2), path, symmetric=True)
+    torch.testing.assert_close(predict_field(image, image.flip(2), path), predict_field(image, image.flip(2), path, symmetric=False))
+
+
 def test_predict_field_refuses_grids_far_from_the_working_shape(tmp_path):
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, FAIMNet(2), {"working_shape": (16, 16)})

@@ -131,7 +131,7 @@ def test_interpolation_defaults_per_mode_and_an_explicit_choice_wins():
     assert unset.interpolation is None
     assert unset.interpolation_for("instance") is Interpolation.CUBIC
     assert unset.interpolation_for(Mode.LEARNED_REFINE) is Interpolation.CUBIC
-    assert unset.interpolation_for("phantom") is Interpolation.LINEAR
+    assert unset.interpolation_for("phantom") is Interpolation.CUBIC
     assert unset.interpolation_for(Mode.LEARNED) is Interpolation.LINEAR
     assert OptimizationSettings(interpolation="linear").interpolation_for("instance") is Interpolation.LINEAR
     # the command line: no option = None (the mode's default), and the help says which
@@ -139,7 +139,7 @@ def test_interpolation_defaults_per_mode_and_an_explicit_choice_wins():
     add_method_arguments(parser)
     assert parser.parse_args([]).interpolation is None
     help_text = " ".join(parser.format_help().split())
-    assert "instance, learned-refine cubic" in help_text and "phantom, learned linear" in help_text
+    assert "instance, learned-refine, phantom cubic" in help_text and "learned linear" in help_text
     run = settings_from_args(parser.parse_args(["--mode", "phantom", "--interpolation", "cubic"]))
     assert run.optimization.interpolation is Interpolation.CUBIC
     assert command_line_arguments(run) == ["--mode", "phantom", "--interpolation", "cubic"]

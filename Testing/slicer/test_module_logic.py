@@ -119,12 +119,12 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
-    assert settings.interpolation is None  # the mode's default (linear for phantom)
-    assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "linear"
+    assert settings.interpolation is None  # the mode's default (cubic for phantom)
+    assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
     assert "--interpolation" not in settings.commandLineArguments()
-    parameterNode.interpolation = "cubic"
+    parameterNode.interpolation = "linear"
     settings = logic.settingsFromParameterNode(parameterNode)
-    assert settings.commandLineArguments()[settings.commandLineArguments().index("--interpolation") + 1] == "cubic"
+    assert settings.commandLineArguments()[settings.commandLineArguments().index("--interpolation") + 1] == "linear"
     logic.applyPreset(parameterNode, "Brain MRI")  # the benchmark's default command: no options
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments() == ["--mode", "instance"]
