@@ -57,6 +57,7 @@ _INSTANCE_LNCC = ["--mode", "instance", "--similarity", "lncc", "--regularizer",
 # the real pair mni_colin, whose differences are less smooth)
 _SMOOTH_WARPS = ["--window", "3", "--weight", "0.5", "--control-spacing", "6", "--jacobian-weight", "1"]
 _LINEAR = ["--interpolation", "linear"]
+_PHANTOM_LNCC = ["--mode", "phantom", "--similarity", "lncc", "--regularizer", "diffusion"]
 OUR_CONFIGS: dict[str, list[str]] = {
     # instance mode with its defaults: what `cnnreg register` does without options (cubic
     # B-spline sampling, LNCC window 5, control grid 2 voxels, 100/60/60 iterations; see
@@ -76,17 +77,10 @@ OUR_CONFIGS: dict[str, list[str]] = {
     "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, *_LINEAR, "--refine-iterations", "30,15"],
     # phantom mode with its defaults (the U-Net works on <= 128^3 voxels, 100/60/120
     # iterations, cubic B-spline sampling, field upsampled to the fixed grid)
-    "phantom-lncc": [
-        "--mode",
-        "phantom",
-        "--similarity",
-        "lncc",
-        "--regularizer",
-        "diffusion",
-    ],
+    "phantom-lncc": _PHANTOM_LNCC,
     # phantom mode with twice its default finest-level iterations: the phantom CNN still gains
     # there on the phantom-to-image case (phantom_mni), where the anatomy differs
-    "phantom-long": ["--mode", "phantom", "--similarity", "lncc", "--regularizer", "diffusion", "--iterations", "100,60,240"],
+    "phantom-long": [*_PHANTOM_LNCC, "--iterations", "100,60,240"],
     # phantom mode as Chen et al. 2020 ran it for XCAT -> CT: PCC+SSIM, gradient-L2 weight 0.8
     "phantom-pcc-ssim": [
         "--mode",

@@ -403,7 +403,12 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
     for e in entries:
         t = e["training_run"]
         stages = e.get("stages") or [
-            {"name": "", "working_shape": e["working_shape"], "epochs_done": t["epochs_done"], "epochs_planned": e["settings"]["epochs"]}
+            {
+                "name": "",
+                "working_shape": e["working_shape"],
+                "epochs_done": t["epochs_done"],
+                "epochs_planned": e["settings"]["epochs"],
+            }
         ]
         epochs = ", ".join(
             f"{(s['name'] + ' ') if len(stages) > 1 else ''}{'x'.join(map(str, s['working_shape']))}: "

@@ -309,7 +309,9 @@ def test_symmetric_prediction_needs_a_velocity_network(tmp_path):
     image = torch.rand(1, 1, 16, 16)
     with pytest.raises(InputError, match="cannot predict symmetrically"):
         predict_field(image, image.flip(2), path, symmetric=True)
-    torch.testing.assert_close(predict_field(image, image.flip(2), path), predict_field(image, image.flip(2), path, symmetric=False))
+    torch.testing.assert_close(
+        predict_field(image, image.flip(2), path), predict_field(image, image.flip(2), path, symmetric=False)
+    )
 
 
 def test_predict_field_refuses_grids_far_from_the_working_shape(tmp_path):
