@@ -88,6 +88,10 @@ class Stage(NamedTuple):
     settings: object  # cnnreg.train.TrainSettings
     until_epoch: int | None
 
+    @property
+    def planned_epochs(self) -> int:
+        return self.until_epoch or self.settings.epochs
+
 
 DEFAULT_OUT = ROOT / "CNNRegistration" / "cnnreg" / "models"
 DEFAULT_WORK = ROOT / "Resources" / "Training"
@@ -618,7 +622,7 @@ def main(argv=None) -> int:
             if existing:
                 log(f"{existing[0]} exists: pass --resume to continue it, or remove it to start again")
                 return 2
-        done_stages = []
+        done_stages = []  # (stage, train()'s summary) of each stage that ran, in order
         for index, stage in enumerate(stages):
             sources, val_pairs, held_out = datasets(key, data, stage.settings)
             log(
@@ -639,9 +643,12 @@ def main(argv=None) -> int:
                         handle.write(json.dumps(plain(event)) + "\n")
                 reporter(event)
 
-            limit = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
             if args.package:
                 limit = 0.0
+            elif args.time_limit is not None:
+                limit = args.time_limit - (time.perf_counter() - started)
+            else:
+                limit = None
             summary = train(
                 stage.settings,
                 sources,
@@ -654,25 +661,22 @@ def main(argv=None) -> int:
                 initial_weights=initial,
                 until_epoch=stage.until_epoch,
             )
-            done_stages.append((stage, summary, sources, val_pairs, held_out))
-            planned = stage.until_epoch or stage.settings.epochs
-            if summary["stopped"] or summary["epochs_done"] < planned:
+            done_stages.append((stage, summary))
+            if summary["stopped"] or summary["epochs_done"] < stage.planned_epochs:
                 break
         if not done_stages:
             continue
-        stage, summary, sources, val_pairs, held_out = done_stages[-1]
+        stage, summary = done_stages[-1]  # its sources and validation pairs are the loop's last
         settings = stage.settings
         target = out_dir / recipe["file"]
         shutil.copyfile(stage.run_path, target)
         checkpoint = load_checkpoint(stage.run_path)  # (the copy is checked against models.json once that is rewritten)
         history = checkpoint.training.get("history", [])
-        runs = [
-            load_checkpoint(output_paths(st.run_path)["last"]).training.get("history", []) for st, *_ in done_stages
-        ]
+        runs = [load_checkpoint(output_paths(st.run_path)["last"]).training.get("history", []) for st, _ in done_stages]
         epochs = [h for run in runs for h in run]
-        steps_done = sum(len(run) * st.settings.steps_per_epoch for run, (st, *_) in zip(runs, done_stages))
-        steps_planned = sum((st.until_epoch or st.settings.epochs) * st.settings.steps_per_epoch for st in stages)
-        finished = len(done_stages) == len(stages) and len(runs[-1]) >= (stage.until_epoch or settings.epochs)
+        steps_done = sum(len(run) * st.settings.steps_per_epoch for run, (st, _) in zip(runs, done_stages))
+        steps_planned = sum(st.planned_epochs * st.settings.steps_per_epoch for st in stages)
+        finished = len(done_stages) == len(stages) and len(runs[-1]) >= stage.planned_epochs
         earlier_steps = steps_done - len(runs[-1]) * settings.steps_per_epoch
         entries.append(
             {
@@ -694,11 +698,11 @@ def main(argv=None) -> int:
                         "name": st.name,
                         "working_shape": list(st.settings.shape_for(checkpoint.ndim)),
                         "epochs_done": len(run),
-                        "epochs_planned": st.until_epoch or st.settings.epochs,
+                        "epochs_planned": st.planned_epochs,
                         "steps_per_epoch": st.settings.steps_per_epoch,
-                        "best": (load_checkpoint(st.run_path).training.get("best") or {}),
+                        "best": stage_summary["best"] or {},
                     }
-                    for run, (st, *_) in zip(runs, done_stages)
+                    for run, (st, stage_summary) in zip(runs, done_stages)
                 ],
                 "training_run": {
                     "epochs_done": len(epochs),

@@ -140,14 +140,14 @@ def predict_field(
     check_resampling(shape, working, checkpoint.path)
     network = checkpoint.network.to(device=fixed.device, dtype=torch.float32).eval()
     supported = bool(getattr(network, "supports_symmetric", False))
-    if symmetric and not supported:
+    if symmetric is None:
+        symmetric = supported
+    elif symmetric and not supported:
         raise InputError(
             f"model {checkpoint.path} ({checkpoint.architecture}) cannot predict symmetrically: that needs a "
             "velocity (diffeomorphic) network on the image pair"
         )
     with torch.no_grad():
-        pair = torch.cat([moving, fixed], dim=1).to(torch.float32)
-        working_pair = resize_image(pair, working)
-        u = network(working_pair, symmetric=True) if supported and symmetric is not False else network(working_pair)
-        u = resize_field(u, shape)
+        pair = resize_image(torch.cat([moving, fixed], dim=1).to(torch.float32), working)
+        u = resize_field(network(pair, symmetric=True) if symmetric else network(pair), shape)
     return u.to(fixed.dtype)
