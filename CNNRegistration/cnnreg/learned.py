@@ -21,6 +21,16 @@ Symmetric prediction
     weights it raised Dice on every benchmark case (the README's Results); it costs a second
     batch item of the forward pass.
 
+Mirrored prediction
+    The pair is also mirrored along the image's first index axis (the last tensor axis: left-right
+    in axial brain scans), predicted in the same batched pass, and the prediction mirrored back
+    (its last component negated) is averaged with the direct one, velocities before integrating.
+    The field of a mirrored pair is then exactly the mirrored field, and averaging two
+    predictions of the same map removes part of their independent errors: with the shipped 3D
+    weights mni2mm's Dice went 0.9527 -> 0.9540 and itk_t1's 0.8969 -> 0.8999 (2D 0.9741 -> 0.9756).
+    It doubles the batch (4 items with the symmetric pass; ~0.8 s instead of ~0.4 s at 96^3 on 2
+    threads).
+
 Shipped weights
     ``cnnreg/models/`` inside the backend package (the same relative place in a checkout, a pip
     install and the Slicer extension's installed module folder), or the folder named by the
@@ -39,6 +49,7 @@ import torch
 
 from .checkpoint import MANIFEST_NAME, Checkpoint, load_checkpoint, read_manifest
 from .errors import InputError
+from .networks import RegistrationNetwork
 from .spatial import resize_field, resize_image
 
 #: largest accepted ratio between an image axis and the network's working shape (either way)
@@ -90,6 +101,15 @@ def load_model(model_path: str | os.PathLike | None, ndim: int) -> Checkpoint:
     return load_checkpoint(model_path, expected_ndim=ndim)
 
 
+def _ensemble_choice(asked: bool | None, supported: bool, refusal: str, default: bool | None = None) -> bool:
+    """``asked``, or ``default`` (else ``supported``) when None; InputError(``refusal``) when asked but unsupported."""
+    if asked is None:
+        return supported if default is None else default
+    if asked and not supported:
+        raise InputError(refusal)
+    return bool(asked)
+
+
 def check_resampling(shape, working_shape, path: str = "") -> None:
     """InputError when an axis of ``shape`` differs from ``working_shape`` by more than
     :data:`MAX_RESAMPLING_FACTOR` (see the module docstring)."""
@@ -109,8 +129,9 @@ def predict_field(
     model_path: str | os.PathLike | None = None,
     checkpoint: Checkpoint | None = None,
     symmetric: bool | None = None,
+    mirror: bool | None = None,
 ) -> torch.Tensor:
-    """Displacement from one forward pass of a trained network.
+    """Displacement from one (batched) forward pass of a trained network.
 
     Args:
         fixed, moving: ``(1, 1, *S)`` normalised images on the fixed grid (2D or 3D), on any device.
@@ -119,12 +140,17 @@ def predict_field(
         symmetric: average the velocity predicted for the pair with the negated velocity for
             the swapped pair, in the same batched pass (see the module docstring); None = whenever
             the network predicts a velocity from the pair alone (the shipped weights do).
+        mirror: also average with the prediction for the pair mirrored along the image's first
+            index axis (the last tensor axis), mirrored back (see the module docstring); None =
+            whenever the network predicts a velocity (the average is then taken before
+            integrating, so the map stays diffeomorphic).
 
     Returns:
         ``u`` ``(1, ndim, *S)`` in voxels of the fixed grid, on the images' device and dtype.
 
     Raises:
-        InputError: no/unusable weights, wrong dimension, grid too far from the working shape.
+        InputError: no/unusable weights, wrong dimension, grid too far from the working shape,
+            an ensemble the network cannot run.
     """
     ndim = fixed.dim() - 2
     if ndim not in (2, 3) or fixed.shape[:2] != (1, 1) or moving.shape != fixed.shape:
@@ -139,15 +165,22 @@ def predict_field(
     working = checkpoint.working_shape or shape
     check_resampling(shape, working, checkpoint.path)
     network = checkpoint.network.to(device=fixed.device, dtype=torch.float32).eval()
-    supported = bool(getattr(network, "supports_symmetric", False))
-    if symmetric is None:
-        symmetric = supported
-    elif symmetric and not supported:
-        raise InputError(
-            f"model {checkpoint.path} ({checkpoint.architecture}) cannot predict symmetrically: that needs a "
-            "velocity (diffeomorphic) network on the image pair"
-        )
+    symmetric = _ensemble_choice(
+        symmetric,
+        bool(getattr(network, "supports_symmetric", False)),
+        f"model {checkpoint.path} ({checkpoint.architecture}) cannot predict symmetrically: that needs a "
+        "velocity (diffeomorphic) network on the image pair",
+    )
+    pair_network = isinstance(network, RegistrationNetwork)
+    mirror = _ensemble_choice(
+        mirror,
+        pair_network,
+        f"model {checkpoint.path} ({checkpoint.architecture}) cannot average a mirrored prediction: that needs "
+        "a single network on the image pair",
+        default=pair_network and network.diffeomorphic,
+    )
     with torch.no_grad():
         pair = resize_image(torch.cat([moving, fixed], dim=1).to(torch.float32), working)
-        u = resize_field(network(pair, symmetric=True) if symmetric else network(pair), shape)
+        field = network(pair, symmetric=symmetric, mirror=mirror) if pair_network else network(pair)
+        u = resize_field(field, shape)
     return u.to(fixed.dtype)

@@ -196,35 +196,60 @@ class RegistrationNetwork(nn.Module):
         displacement's inverse is not its negative) on the pair alone (2 input channels)."""
         return self.diffeomorphic and self.config.get("in_channels", 2) == 2
 
-    def _both_directions(self, x: torch.Tensor, symmetric: bool) -> torch.Tensor:
-        """``x`` or, when ``symmetric``, ``x`` stacked on the batch with its pair swapped
-        (``(2N, 2, *S)``: ``cat(moving, fixed)`` then ``cat(fixed, moving)``)."""
-        if not symmetric:
-            return x
-        if not self.supports_symmetric:
+    def check_ensemble(self, symmetric: bool) -> None:
+        """ValueError when ``symmetric`` is asked of a network that cannot (see :attr:`supports_symmetric`)."""
+        if symmetric and not self.supports_symmetric:
             raise ValueError(f"symmetric prediction needs a velocity network on the image pair, not {self.config}")
-        return torch.cat([x, x.flip(1)], dim=0)
 
-    @staticmethod
-    def _antisymmetric_part(velocity: torch.Tensor, symmetric: bool) -> torch.Tensor:
-        """``(v(m, f) - v(f, m)) / 2`` from the stacked ``(2N, ndim, *S)`` output (or ``velocity``)."""
-        if not symmetric:
-            return velocity
-        forward, backward = velocity.chunk(2, dim=0)
-        return 0.5 * (forward - backward)
+    def ensemble_predict(self, padded: torch.Tensor, symmetric: bool, mirror: bool) -> torch.Tensor:
+        """:meth:`predict` on ``padded`` ``(N, C, *P)`` (a multiple of :attr:`factor`), averaged
+        over the test-time ensemble, all of it one batched pass:
 
-    def forward(self, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+        - ``mirror``: the input mirrored along its last axis, its output mirrored back (the
+          last component negated), mean of the two;
+        - ``symmetric``: ``(v(m, f) - v(f, m)) / 2``, the pair swapped (velocity networks).
+
+        Flipping the padded grid itself keeps the mirror exact whatever the padding.
+        Returns ``(N, ndim, *P')`` on :meth:`predict`'s output grid.
+        """
+        self.check_ensemble(symmetric)
+        x = padded
+        if mirror:
+            x = torch.cat([x, x.flip(-1)], dim=0)
+        if symmetric:
+            x = torch.cat([x, x.flip(1)], dim=0)  # cat(moving, fixed), then cat(fixed, moving)
+        out = self.predict(x)
+        if symmetric:
+            forward, backward = out.chunk(2, dim=0)
+            out = 0.5 * (forward - backward)
+        if mirror:
+            direct, mirrored = out.chunk(2, dim=0)
+            mirrored = mirrored.flip(-1) * _last_component_sign(self.ndim, out)
+            out = 0.5 * (direct + mirrored)
+        return out
+
+    def forward(self, x: torch.Tensor, symmetric: bool = False, mirror: bool = False) -> torch.Tensor:
         """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels.
 
-        ``symmetric`` (velocity networks only): the velocity is the mean of the prediction for
-        the pair and the negated prediction for the swapped pair, ``(v(m, f) - v(f, m)) / 2``,
-        both in one batched pass, so the field does not depend on which image is called fixed
-        beyond the inverse (``exp(-v)`` is the inverse of ``exp(v)``).
+        Test-time ensemble (see :meth:`ensemble_predict`), in one batched pass:
+        ``symmetric`` (velocity networks only) averages the prediction for the pair with the
+        negated prediction for the swapped pair, ``(v(m, f) - v(f, m)) / 2``, so the field does
+        not depend on which image is called fixed beyond the inverse (``exp(-v)`` is the
+        inverse of ``exp(v)``); ``mirror`` averages it with the prediction for the pair mirrored
+        along its last axis, mirrored back.  Both average velocities before integrating when
+        the network is diffeomorphic.
         """
-        out = self._antisymmetric_part(self.velocity_or_displacement(self._both_directions(x, symmetric)), symmetric)
+        out = self.on_padded_grid(x, lambda padded: self.ensemble_predict(padded, symmetric, mirror))
         if self.diffeomorphic:
             out = integrate_velocity(out, self.integration_steps)
         return out
+
+
+def _last_component_sign(ndim: int, like: torch.Tensor) -> torch.Tensor:
+    """``(1, ndim, 1, ...)``: +1 except -1 for the last component (a field mirrored along its last axis)."""
+    sign = torch.ones((1, ndim) + (1,) * ndim, dtype=like.dtype, device=like.device)
+    sign[:, -1] = -1
+    return sign
 
 
 class InceptionBlock(nn.Module):
@@ -402,19 +427,19 @@ class VoxelMorphNet(RegistrationNetwork):
                 x = torch.cat([x, skips[index]], dim=1)
         return self.head(x)
 
-    def forward(self, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, symmetric: bool = False, mirror: bool = False) -> torch.Tensor:
         """``x``: ``(N, in_channels, *S)``, any ``S`` -> displacement ``(N, ndim, *S)``, voxels
-        (``symmetric``: see :meth:`RegistrationNetwork.forward`)."""
+        (``symmetric``, ``mirror``: see :meth:`RegistrationNetwork.forward`)."""
         if not self.half_resolution:
-            return super().forward(x, symmetric=symmetric)
+            return super().forward(x, symmetric=symmetric, mirror=mirror)
 
         def full_grid_field(padded: torch.Tensor) -> torch.Tensor:
-            out = self._antisymmetric_part(self.predict(padded), symmetric)  # (N, ndim, *padded / 2), half-grid voxels
+            out = self.ensemble_predict(padded, symmetric, mirror)  # (N, ndim, *padded / 2), half-grid voxels
             if self.diffeomorphic:
                 out = integrate_velocity(out, self.integration_steps)
             return resize_field(out, padded.shape[2:])  # input-grid voxels
 
-        return self.on_padded_grid(self._both_directions(x, symmetric), full_grid_field)
+        return self.on_padded_grid(x, full_grid_field)
 
 
 class CascadeNet(nn.Module):

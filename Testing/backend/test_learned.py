@@ -283,8 +283,9 @@ def test_symmetric_prediction_averages_both_directions_and_swapping_gives_the_in
     save_checkpoint(path, network, {"working_shape": (32, 32, 32)})
     pair = _pair((32, 32, 32))
     fixed, moving = pair[:, 1:], pair[:, :1]
-    forward, backward = predict_field(fixed, moving, path), predict_field(moving, fixed, path)
-    assert predict_field(fixed, moving, path, symmetric=True).equal(forward)  # the default for a velocity network
+    forward = predict_field(fixed, moving, path, mirror=False)
+    backward = predict_field(moving, fixed, path, mirror=False)
+    assert predict_field(fixed, moving, path, symmetric=True, mirror=False).equal(forward)  # the default
     assert forward.abs().max() > 0.3
     with torch.no_grad():
         velocity = network.predict if half_resolution else network.velocity_or_displacement
@@ -296,11 +297,63 @@ def test_symmetric_prediction_averages_both_directions_and_swapping_gives_the_in
             expected = [resize_field(u, (32, 32, 32)) for u in expected]
     torch.testing.assert_close(forward, expected[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(backward, expected[1], rtol=1e-4, atol=1e-5)
-    plain_forward = predict_field(fixed, moving, path, symmetric=False)
-    plain_backward = predict_field(moving, fixed, path, symmetric=False)
+    plain_forward = predict_field(fixed, moving, path, symmetric=False, mirror=False)
+    plain_backward = predict_field(moving, fixed, path, symmetric=False, mirror=False)
     symmetric_error = compose(forward, backward).abs().mean()
     plain_error = compose(plain_forward, plain_backward).abs().mean()
     assert symmetric_error < 0.1 * plain_error, (symmetric_error, plain_error)
+
+
+def _mirrored_field(u: torch.Tensor) -> torch.Tensor:
+    """A field of images mirrored along their last axis: values mirrored, last component negated."""
+    u = u.flip(-1).clone()
+    u[:, -1] = -u[:, -1]
+    return u
+
+
+@pytest.mark.parametrize("half_resolution", [False, True])
+def test_mirrored_prediction_averages_the_mirrored_pair_and_is_mirror_equivariant(tmp_path, half_resolution):
+    """``mirror``: the velocity is the mean of v(pair) and v(mirrored pair) mirrored back, so
+    mirroring both images mirrors the field exactly; a (perturbed) network alone is far from
+    that, and the default (symmetric and mirrored) still gives the swapped pair the inverse."""
+    torch.manual_seed(0)
+    network = _perturb(VoxelMorphNet(3, diffeomorphic=True, half_resolution=half_resolution), scale=5.0).eval()
+    shape = (32, 16, 48)  # three different lengths: a mirror along the wrong axis cannot pass
+    path = tmp_path / "vxm.pt"
+    save_checkpoint(path, network, {"working_shape": shape})
+    pair = _pair(shape)
+    fixed, moving = pair[:, 1:], pair[:, :1]
+    mirrored = predict_field(fixed, moving, path, symmetric=False, mirror=True)
+    with torch.no_grad():
+        velocity = network.predict if half_resolution else network.velocity_or_displacement
+        v, v_mirrored = velocity(pair), _mirrored_field(velocity(pair.flip(-1)))
+        assert (v - v_mirrored).abs().max() > 0.3  # the network alone is far from mirror-equivariant
+        expected = integrate_velocity(0.5 * (v + v_mirrored), 7)
+        if half_resolution:
+            expected = resize_field(expected, shape)
+    torch.testing.assert_close(mirrored, expected, rtol=1e-4, atol=1e-5)
+    of_mirrored_pair = predict_field(fixed.flip(-1), moving.flip(-1), path, symmetric=False, mirror=True)
+    torch.testing.assert_close(_mirrored_field(of_mirrored_pair), mirrored, rtol=1e-4, atol=1e-5)
+    plain = predict_field(fixed, moving, path, symmetric=False, mirror=False)
+    plain_of_mirrored_pair = predict_field(fixed.flip(-1), moving.flip(-1), path, symmetric=False, mirror=False)
+    assert (_mirrored_field(plain_of_mirrored_pair) - plain).abs().max() > 0.1
+    forward, backward = predict_field(fixed, moving, path), predict_field(moving, fixed, path)  # the default
+    assert forward.equal(predict_field(fixed, moving, path, symmetric=True, mirror=True))
+    plain_backward = predict_field(moving, fixed, path, symmetric=False, mirror=False)
+    assert compose(forward, backward).abs().mean() < 0.1 * compose(plain, plain_backward).abs().mean()
+
+
+def test_mirrored_prediction_needs_a_network_on_the_pair(tmp_path):
+    path = tmp_path / "cascade.pt"
+    save_checkpoint(path, _networks(2)[2], {"working_shape": (16, 16)})
+    image = torch.rand(1, 1, 16, 16)
+    with pytest.raises(InputError, match="cannot average a mirrored prediction"):
+        predict_field(image, image.flip(2), path, mirror=True)
+    assert predict_field(image, image.flip(2), path).equal(predict_field(image, image.flip(2), path, mirror=False))
+    faim = tmp_path / "faim.pt"  # a displacement network: mirrored only when asked
+    save_checkpoint(faim, _perturb(FAIMNet(2)), {"working_shape": (16, 16)})
+    assert predict_field(image, image.flip(2), faim).equal(predict_field(image, image.flip(2), faim, mirror=False))
+    assert not predict_field(image, image.flip(2), faim, mirror=True).equal(predict_field(image, image.flip(2), faim))
 
 
 def test_symmetric_prediction_needs_a_velocity_network(tmp_path):
