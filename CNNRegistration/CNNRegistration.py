@@ -83,6 +83,7 @@ class CNNRegistrationParameterNode:
 
     weight: regularization weight (dimensionless). iterations: per pyramid level (phantom,
     instance) or refinement iterations (learned-refine); 0 = backend default.
+    fullResolutionIterations: phantom mode's iterations with the CNN on the full-size images.
     Output nodes are created by the run when left empty.
     """
 
@@ -95,6 +96,7 @@ class CNNRegistrationParameterNode:
     regularizer: Regularizer = _DEFAULT_SETTINGS.regularizer
     weight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.weight
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
+    fullResolutionIterations: Annotated[int, WithinRange(0, 100000)] = _DEFAULT_SETTINGS.fullResolutionIterations
     # the mode's default, or one of the interpolations the similarity term allows (nearest is
     # for label maps)
     interpolation: Annotated[str, Choice([MODE_DEFAULT, *(i.value for i in SIMILARITY_INTERPOLATIONS)])] = MODE_DEFAULT
@@ -359,6 +361,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
             iterations=parameterNode.iterations,
+            fullResolutionIterations=parameterNode.fullResolutionIterations,
             interpolation=parameterNode.interpolation,
             device=parameterNode.device,
             keepTemporaryFiles=parameterNode.keepTemporaryFiles,

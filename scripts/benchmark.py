@@ -58,6 +58,7 @@ _INSTANCE_LNCC = ["--mode", "instance", "--similarity", "lncc", "--regularizer",
 _SMOOTH_WARPS = ["--window", "3", "--weight", "0.5", "--control-spacing", "6", "--jacobian-weight", "1"]
 _LINEAR = ["--interpolation", "linear"]
 _PHANTOM_LNCC = ["--mode", "phantom", "--similarity", "lncc", "--regularizer", "diffusion"]
+_PHANTOM_FINE = ["--cnn-full-resolution-iterations", "120"]
 OUR_CONFIGS: dict[str, list[str]] = {
     # instance mode with its defaults: what `cnnreg register` does without options (cubic
     # B-spline sampling, LNCC window 5, control grid 2 voxels, 100/60/60 iterations; see
@@ -75,13 +76,15 @@ OUR_CONFIGS: dict[str, list[str]] = {
     "learned": ["--mode", "learned"],
     # the shipped network's field refined by the fast instance setting at two levels
     "learned-refine": ["--mode", "learned-refine", *_SMOOTH_WARPS, *_LINEAR, "--refine-iterations", "30,15"],
-    # phantom mode with its defaults (the U-Net works on <= 128^3 voxels, 100/60/120
-    # iterations, cubic B-spline sampling, field upsampled to the fixed grid)
+    # phantom mode with its defaults (the U-Net works on <= 128^3 voxels, 100/60/80 iterations,
+    # at the finest level on the previous level's images with the loss at full size, cubic
+    # B-spline sampling, field upsampled to the fixed grid)
     "phantom-lncc": _PHANTOM_LNCC,
-    # phantom mode with twice its default finest-level iterations: the phantom CNN still gains
-    # there on the phantom-to-image case (phantom_mni), where the anatomy differs
-    "phantom-long": [*_PHANTOM_LNCC, "--iterations", "100,60,240"],
-    # phantom mode as Chen et al. 2020 ran it for XCAT -> CT: PCC+SSIM, gradient-L2 weight 0.8
+    # then 120 iterations with the U-Net on the full-size images: the finer field the
+    # phantom-to-image case (phantom_mni), where the anatomy differs, needs
+    "phantom-long": [*_PHANTOM_LNCC, *_PHANTOM_FINE],
+    # the Slicer "Phantom to CT" preset: Chen et al. 2020's loss for XCAT -> CT (PCC+SSIM,
+    # gradient-L2 weight 0.8) with the full-size stage
     "phantom-pcc-ssim": [
         "--mode",
         "phantom",
@@ -91,6 +94,7 @@ OUR_CONFIGS: dict[str, list[str]] = {
         "diffusion",
         "--weight",
         "0.8",
+        *_PHANTOM_FINE,
     ],
 }
 #: appended to every configuration with --quick

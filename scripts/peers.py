@@ -60,8 +60,8 @@ def thread_environment(threads: int) -> dict[str, str]:
         "ITK_DEFAULT_NUMBER_OF_THREADS",
     ):
         env[key] = str(threads)
-    # spin-waiting OpenMP workers make 2-thread runs crawl when the cores are shared
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is left as the caller has it: every method runs with its runtime's default
+    # on an idle machine (PASSIVE, right for shared cores, made phantom mode ~1.5x slower there)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "CNNRegistration"), env.get("PYTHONPATH", "")]))
     return env
 

@@ -190,7 +190,7 @@ def as_choice(value: Any, enum_type: type[Choice], what: str) -> Choice:
 #: iterations per pyramid level, coarse to fine, when none are given; the phantom CNN spends
 #: most at its finest level, where its Dice still rises (mni2mm 0.927 with 100,60,40 -> 0.943
 #: with 100,60,120), while 300 instead of 100 at the coarsest level added nothing
-DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (100, 60, 120)}
+DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (100, 60, 80)}
 
 #: how the moving image is sampled when no interpolation is given: the cubic B-spline for the
 #: optimising modes (on the benchmark's brain cases it lowers TRE and raises Dice; the phantom
@@ -376,6 +376,10 @@ class OptimizationSettings:
             field is upsampled to the fixed grid.  This bounds time and memory on large images;
             the working grid limits accuracy: on mni2mm (96^3) Dice 0.943 on a 64^3 grid, 0.950
             on 80^3, 0.962 on the full grid (1 thread: 65, 99, 139 s).
+        cnn_full_resolution_iterations: the phantom CNN sees the previous level's images at the
+            finest level (its field, at half its input resolution, is resized to the finest grid,
+            where the loss is evaluated); this many iterations follow with the CNN on the
+            full-size images (0 = none): see :func:`cnnreg.optimize.optimize_cnn`.
         final_learning_rate: fraction of the learning rate reached at the end of each level
             (cosine decay; 1 = constant).
         patience, tolerance: stop a level when the loss has not improved by ``tolerance``
@@ -414,6 +418,13 @@ class OptimizationSettings:
     )
     features: int = _option(16, "phantom-mode CNN width", Number(int, 1))
     max_cnn_voxels: int = _option(2**21, "phantom-mode working-grid size limit (voxels)", Number(int, 1))
+    cnn_full_resolution_iterations: int = _option(
+        0,
+        "phantom mode: after the finest level (where the CNN sees the previous level's images and only the loss "
+        "is evaluated at full size), this many more iterations with the CNN on the full-size images: finer "
+        "detail, ~2x the cost per iteration",
+        Number(int, 0),
+    )
     final_learning_rate: float = _option(0.1, value=Number(float, 0, 1))
     patience: int = _option(20, value=Number(int, 1))
     tolerance: float = _option(1e-4, value=Number(float, 0))
@@ -487,13 +498,18 @@ class RegistrationSettings:
             raise InputError(f"device must be a name like {choices(Device)} or cuda:N, got {self.device!r}")
 
     def iterations_requested(self) -> int | list[int]:
-        """Iterations the mode runs: per level (phantom, instance), refinement steps, or 0 (learned)."""
+        """Iterations the mode runs: per level (phantom, instance; phantom's full-resolution stage
+        last), refinement steps, or 0 (learned)."""
         if self.mode is Mode.LEARNED:
             return 0
         if self.mode is Mode.LEARNED_REFINE:
             return self.refine_iterations
         iterations = self.optimization.iterations
-        return list(DEFAULT_ITERATIONS[self.mode]) if iterations is None else iterations
+        iterations = list(DEFAULT_ITERATIONS[self.mode]) if iterations is None else iterations
+        full_resolution = self.optimization.cnn_full_resolution_iterations
+        if self.mode is Mode.PHANTOM and full_resolution > 0:  # the last stage (see optimize_cnn)
+            return [*as_schedule(iterations), full_resolution]
+        return iterations
 
 
 def _check_fields(settings) -> None:

@@ -697,10 +697,11 @@ def test_pyramid_and_capped_shapes():
     assert OptimizationSettings(iterations=7).iterations_per_level(3) == [7, 7, 7]
 
 
-def test_a_level_change_keeps_the_phantom_field(mni_pair):
+@pytest.mark.parametrize("finest_input", [None, (20, 20, 20)])
+def test_a_level_change_keeps_the_phantom_field(mni_pair, finest_input):
     """The phantom CNN starts each level exactly from the previous level's field: the first loss
     of level 2 is the loss of level 1's final field (upsampled) on level 2's grid, and level 2
-    then lowers it."""
+    then lowers it; also when level 2's network sees level 1's images (phantom mode's default)."""
     from cnnreg.optimize import CNNField, loss_function, moving_sampler, phantom_network, run_pyramid
     from cnnreg.spatial import resize_field, resize_image
 
@@ -718,7 +719,7 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
         u = run_pyramid(
             fixed,
             moving,
-            lambda base: CNNField(network, base, 1.0),
+            lambda base: CNNField(network, base, 1.0, finest_input if base.shape[2:] == shapes[1] else None),
             schedule,
             levels,
             callback=lambda e: losses.append((e["stage"], e["loss"])),
@@ -736,6 +737,68 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair):
         )
     assert level2[0] == pytest.approx(float(handed_over), abs=1e-5)
     assert min(level2) < level2[0] - 1e-3
+
+
+def test_the_phantom_field_from_a_coarser_network_input():
+    """``input_shape``: the network sees the pair resampled to it (once per pair of tensors),
+    and its field, resized to the level's grid in the level's voxels, is added to the base."""
+    from cnnreg.optimize import CNNField, phantom_network
+    from cnnreg.spatial import resize_field, resize_image
+
+    torch.manual_seed(0)
+    network = phantom_network(3, 4)
+    base = torch.randn(1, 3, 32, 24, 40)
+    model = CNNField(network, base, 0.0, (16, 12, 20))
+    network.head.weight.data.normal_(std=0.1)  # CNNField zeroed the head; a non-zero field to compare
+    fixed, moving = torch.rand(1, 1, 32, 24, 40), torch.rand(1, 1, 32, 24, 40)
+    seen = []
+    network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        u = model(fixed, moving)
+        again = model(fixed, moving)
+        expected = base + resize_field(network(resize_image(torch.cat([moving, fixed], 1), (16, 12, 20))), (32, 24, 40))
+        other = model(fixed.clone(), moving)
+    assert seen[0].shape == (1, 2, 16, 12, 20) and seen[1] is seen[0]  # resampled once for the same tensors
+    assert seen[3] is not seen[0]  # new tensors: resampled again
+    assert u.shape == base.shape and again.equal(u) and other.equal(u)
+    torch.testing.assert_close(u, expected)
+    assert float((u - base).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("full_resolution_iterations", [0, 3])
+def test_the_phantom_finest_level_network_input(mni_pair, full_resolution_iterations):
+    """The finest level's network sees the previous level's images (the loss stays at full size);
+    ``cnn_full_resolution_iterations`` add a last stage on the full-size images."""
+    from cnnreg.optimize import optimize_cnn, phantom_network
+
+    fixed = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["fixed"]))[None, None].float()
+    moving = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["moving"]))[None, None].float()
+    fixed, moving = fixed / fixed.max(), moving / moving.max()
+    shapes, stages = [], []
+    original = phantom_network
+
+    def recording_network(*args, **kwargs):
+        network = original(*args, **kwargs)
+        network.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape[2:])))
+        return network
+
+    settings = OptimizationSettings(
+        iterations=(2, 2, 2), features=4, cnn_full_resolution_iterations=full_resolution_iterations
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cnnreg.optimize.phantom_network", recording_network)
+        u = optimize_cnn(fixed, moving, settings, callback=lambda event: stages.append(event["stage"]))
+    size = tuple(fixed.shape[2:])  # 40^3: levels 20^3 and 40^3 (10^3 is below phantom mode's 16)
+    half = tuple(n // 2 for n in size)
+    assert u.shape == (1, 3, *size)
+    # per stage: 2 iterations + the final field
+    assert shapes == [half] * 3 + [half] * 3 + [size] * (
+        full_resolution_iterations + 1 if full_resolution_iterations else 0
+    )
+    levels = 3 if full_resolution_iterations else 2
+    assert stages[-1] == f"level {levels}/{levels}" and len(stages) == 4 + full_resolution_iterations
+    summary = RegistrationSettings(mode="phantom", optimization=settings).iterations_requested()
+    assert list(summary) == ([2, 2, 2, 3] if full_resolution_iterations else [2, 2, 2])
 
 
 def test_the_phantom_network_keeps_its_features_from_vanishing():

@@ -238,6 +238,14 @@ def test_settings_command_line_and_presets():
     # the brain preset is the default command, whose numbers the benchmark reports
     assert settings.presetSettings("Brain MRI").commandLineArguments() == ["--mode", "instance"]
     assert settings.presetSettings("Phantom to CT").similarity is settings.Similarity.PCC_SSIM
+    phantom = settings.presetSettings("Phantom to CT").commandLineArguments()  # the benchmark's phantom-pcc-ssim
+    assert phantom[phantom.index("--cnn-full-resolution-iterations") + 1] == "120"
+    # phantom mode only: other modes ignore it and pass no option
+    instance = settings.RegistrationSettings(mode="instance", fullResolutionIterations=50)
+    assert instance.backendSettings().optimization.cnn_full_resolution_iterations == 0
+    assert "--cnn-full-resolution-iterations" not in instance.commandLineArguments()
+    with pytest.raises(ValueError, match="full-resolution iterations"):
+        settings.RegistrationSettings(fullResolutionIterations=-1)
     assert all(
         member.label()
         for enum in (settings.Mode, settings.Similarity, settings.Regularizer, settings.Interpolation, settings.Device)

@@ -104,7 +104,7 @@ def test_parameter_node_declaration(module):
     # holds nearest, for labels); the panel starts at the mode's default
     kind, choice = typing.get_args(hints["interpolation"])
     assert kind is str and choice.choices == ["default", "linear", "cubic"] and defaults["interpolation"] == "default"
-    for name in ("weight", "iterations"):
+    for name in ("weight", "iterations", "fullResolutionIterations"):
         limits = typing.get_args(hints[name])[1]
         assert limits.minimum <= defaults[name] <= limits.maximum
     assert typing.get_args(hints["weight"])[1].maximum == 100
@@ -119,6 +119,7 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
+    assert settings.backendSettings().optimization.cnn_full_resolution_iterations == 120
     assert settings.interpolation is None  # the mode's default (cubic for phantom)
     assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
     assert "--interpolation" not in settings.commandLineArguments()
@@ -128,6 +129,7 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Brain MRI")  # the benchmark's default command: no options
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments() == ["--mode", "instance"]
+    assert parameterNode.fullResolutionIterations == 0  # the preset resets what Phantom to CT set
     text = logic.formatSummary(
         {
             "similarity": "lncc",
