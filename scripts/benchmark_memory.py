@@ -8,7 +8,8 @@ child process per device, and prints a Markdown table: wall time, CPU time (user
 less sensitive than wall time to other work on a shared machine), peak RSS of the child (CPU)
 and ``torch.cuda.max_memory_allocated`` (CUDA).
 
-    python scripts/benchmark_memory.py [--iterations 20,10,5] [--devices cpu,cuda] [--out benchmark/memory]
+    python scripts/benchmark_memory.py [--iterations 20,10,5] [--full-resolution-iterations 2]
+        [--devices cpu,cuda] [--out benchmark/memory]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def make_pair(folder: str, seed: int = 0) -> tuple[str, str]:
     return fixed_path, moving_path
 
 
-def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads: int) -> dict:
+def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads: int, full_resolution: int) -> dict:
     argv = [
         "register",
         "--fixed",
@@ -95,6 +96,8 @@ def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads
         "phantom",
         "--iterations",
         iterations,
+        "--cnn-full-resolution-iterations",
+        str(full_resolution),
         "--device",
         device,
         "--progress",
@@ -128,6 +131,12 @@ def run(device: str, fixed: str, moving: str, out: str, iterations: str, threads
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", default="20,10,5", help="phantom-mode iterations per level")
+    parser.add_argument(
+        "--full-resolution-iterations",
+        type=int,
+        default=2,
+        help="phantom mode's last stage with the CNN on the full-size images (its peak memory; 0 = none)",
+    )
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "memory"))
@@ -141,10 +150,19 @@ def main() -> int:
                 rows.append({"device": device, "error": "no CUDA GPU on this machine"})
                 continue
             rows.append(
-                run(device, fixed, moving, os.path.join(folder, f"out-{device}"), args.iterations, args.threads)
+                run(
+                    device,
+                    fixed,
+                    moving,
+                    os.path.join(folder, f"out-{device}"),
+                    args.iterations,
+                    args.threads,
+                    args.full_resolution_iterations,
+                )
             )
     lines = [
-        f"Phantom mode on {SIZE[0]}x{SIZE[1]}x{SIZE[2]} (MNI152 1 mm, smooth warp <= 6 voxels), iterations {args.iterations}",
+        f"Phantom mode on {SIZE[0]}x{SIZE[1]}x{SIZE[2]} (MNI152 1 mm, smooth warp <= 6 voxels), iterations "
+        f"{args.iterations} + {args.full_resolution_iterations} with the CNN on the full-size images",
         "",
         "| device | wall time (s) | CPU time (s) | peak RSS (GiB) | peak CUDA memory (GiB) | LNCC before -> after "
         "| folding % |",
