@@ -476,9 +476,11 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         parameterNode = logic.getParameterNode()
         logic.applyPreset(parameterNode, "Phantom to CT")
         self.assertEqual(parameterNode.mode, Mode.PHANTOM)
-        self.assertEqual(parameterNode.similarity, Similarity.PCC_SSIM)
+        self.assertEqual(parameterNode.similarity, Similarity.LNCC)
+        self.assertEqual(parameterNode.fullResolutionIterations, 120)
         logic.applyPreset(parameterNode, "Brain MRI")
         self.assertEqual(parameterNode.mode, Mode.INSTANCE)
+        self.assertEqual(parameterNode.fullResolutionIterations, 0)
         self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings().mode, Mode.INSTANCE)
 
     @staticmethod

@@ -81,10 +81,11 @@ OUR_CONFIGS: dict[str, list[str]] = {
     # B-spline sampling, field upsampled to the fixed grid)
     "phantom-lncc": _PHANTOM_LNCC,
     # then 120 iterations with the U-Net on the full-size images: the finer field the
-    # phantom-to-image case (phantom_mni), where the anatomy differs, needs
+    # phantom-to-image case (phantom_mni), where the anatomy differs, needs (the Slicer
+    # "Phantom to CT" preset)
     "phantom-long": [*_PHANTOM_LNCC, *_PHANTOM_FINE],
-    # the Slicer "Phantom to CT" preset: Chen et al. 2020's loss for XCAT -> CT (PCC+SSIM,
-    # gradient-L2 weight 0.8) with the full-size stage
+    # Chen et al. 2020's loss for XCAT -> CT (PCC+SSIM, gradient-L2 weight 0.8) with the
+    # full-size stage
     "phantom-pcc-ssim": [
         "--mode",
         "phantom",

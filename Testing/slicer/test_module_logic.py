@@ -118,7 +118,7 @@ def test_logic_settings_presets_and_summary_text(module):
     parameterNode = logic.getParameterNode()
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
-    assert settings.mode.value == "phantom" and settings.similarity.value == "pcc+ssim" and settings.weight == 0.8
+    assert settings.mode.value == "phantom" and settings.similarity.value == "lncc" and settings.weight == 1.0
     assert settings.backendSettings().optimization.cnn_full_resolution_iterations == 120
     assert settings.interpolation is None  # the mode's default (cubic for phantom)
     assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
