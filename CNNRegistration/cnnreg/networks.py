@@ -196,7 +196,7 @@ class RegistrationNetwork(nn.Module):
         displacement's inverse is not its negative) on the pair alone (2 input channels)."""
         return self.diffeomorphic and self.config.get("in_channels", 2) == 2
 
-    def check_ensemble(self, symmetric: bool) -> None:
+    def _check_symmetric(self, symmetric: bool) -> None:
         """ValueError when ``symmetric`` is asked of a network that cannot (see :attr:`supports_symmetric`)."""
         if symmetric and not self.supports_symmetric:
             raise ValueError(f"symmetric prediction needs a velocity network on the image pair, not {self.config}")
@@ -212,7 +212,7 @@ class RegistrationNetwork(nn.Module):
         Flipping the padded grid itself keeps the mirror exact whatever the padding.
         Returns ``(N, ndim, *P')`` on :meth:`predict`'s output grid.
         """
-        self.check_ensemble(symmetric)
+        self._check_symmetric(symmetric)
         x = padded
         if mirror:
             x = torch.cat([x, x.flip(-1)], dim=0)
@@ -224,7 +224,8 @@ class RegistrationNetwork(nn.Module):
             out = 0.5 * (forward - backward)
         if mirror:
             direct, mirrored = out.chunk(2, dim=0)
-            mirrored = mirrored.flip(-1) * _last_component_sign(self.ndim, out)
+            mirrored = mirrored.flip(-1)
+            mirrored = torch.cat([mirrored[:, :-1], -mirrored[:, -1:]], dim=1)  # the last component turns
             out = 0.5 * (direct + mirrored)
         return out
 
@@ -243,13 +244,6 @@ class RegistrationNetwork(nn.Module):
         if self.diffeomorphic:
             out = integrate_velocity(out, self.integration_steps)
         return out
-
-
-def _last_component_sign(ndim: int, like: torch.Tensor) -> torch.Tensor:
-    """``(1, ndim, 1, ...)``: +1 except -1 for the last component (a field mirrored along its last axis)."""
-    sign = torch.ones((1, ndim) + (1,) * ndim, dtype=like.dtype, device=like.device)
-    sign[:, -1] = -1
-    return sign
 
 
 class InceptionBlock(nn.Module):
