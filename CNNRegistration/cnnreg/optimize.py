@@ -443,10 +443,10 @@ def optimize_cnn(
     network_inputs = [None] * len(shapes)
     if len(shapes) > 1:
         network_inputs[-1] = shapes[-2]
-        if settings.cnn_full_resolution_iterations > 0:
-            shapes, network_inputs = [*shapes, shapes[-1]], [*network_inputs, None]
-            iterations = [*iterations, settings.cnn_full_resolution_iterations]
-    next_input = iter(network_inputs)
+    if settings.cnn_full_resolution_iterations > 0:
+        shapes, network_inputs = [*shapes, shapes[-1]], [*network_inputs, None]
+        iterations = [*iterations, settings.cnn_full_resolution_iterations]
+    next_input = iter(network_inputs)  # run_pyramid builds one model per level, in order
     u = run_pyramid(
         fixed,
         moving,

@@ -799,6 +799,13 @@ def test_the_phantom_finest_level_network_input(mni_pair, full_resolution_iterat
     assert stages[-1] == f"level {levels}/{levels}" and len(stages) == 4 + full_resolution_iterations
     summary = RegistrationSettings(mode="phantom", optimization=settings).iterations_requested()
     assert list(summary) == ([2, 2, 2, 3] if full_resolution_iterations else [2, 2, 2])
+    # one level: its network already sees the full-size images; the full-size stage still runs
+    stages.clear()
+    one_level = OptimizationSettings(
+        iterations=2, levels=1, features=4, cnn_full_resolution_iterations=full_resolution_iterations
+    )
+    optimize_cnn(fixed, moving, one_level, callback=lambda event: stages.append(event["stage"]))
+    assert len(stages) == 2 + full_resolution_iterations
 
 
 def test_the_phantom_network_keeps_its_features_from_vanishing():
