@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -54,7 +55,47 @@ def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
     return tuple(max(2, int(n * factor)) for n in shape)
 
 
-class GlobalAdam(torch.optim.Optimizer):
+class FieldOptimizer:
+    """Base of the dense-field optimisers: ``param_groups`` (dicts with ``params``, ``lr``,
+    ``initial_lr`` and the optimiser's hyper-parameters), per-tensor ``state`` and
+    :meth:`zero_grad`, as in ``torch.optim`` -- but not a ``torch.optim.Optimizer``: building
+    one of those imports ``torch._dynamo`` (1.4-2 s on the first use in a process), a third
+    of a learned-refine registration, and the Slicer module runs each registration in a new
+    process.  Subclasses implement :meth:`step`."""
+
+    def __init__(self, params, defaults: dict):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        for group in groups:
+            group = {**defaults, **group, "params": list(group["params"])}
+            group.setdefault("initial_lr", group["lr"])
+            self.param_groups.append(group)
+        self.state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+def set_learning_rate_factor(optimizer, factor: float) -> None:
+    """``lr = initial_lr * factor`` in every parameter group (``torch.optim`` optimisers and
+    :class:`FieldOptimizer`; what ``LambdaLR`` does, without its scheduler machinery)."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
+class GlobalAdam(FieldOptimizer):
     """Adam with one second-moment estimate per parameter tensor instead of per element.
 
     Per-element Adam gives every voxel of a dense field a step of about ``lr``, however weak
@@ -73,7 +114,7 @@ class GlobalAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -92,7 +133,7 @@ class GlobalAdam(torch.optim.Optimizer):
                 p.sub_(group["lr"] * momentum / (square.sqrt() + group["eps"]))
 
 
-class GreedyFluid(torch.optim.Optimizer):
+class GreedyFluid(FieldOptimizer):
     """Demons/SyN-style greedy steps: the gradient is Gaussian-smoothed (``sigma`` voxels, a
     fluid-like regularisation of each update) and scaled so that the largest step of any
     voxel is ``lr`` voxels.  Use with a small or zero penalty on the total field."""
@@ -101,7 +142,7 @@ class GreedyFluid(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, sigma=sigma))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -315,17 +356,15 @@ def run_pyramid(
             optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=learning_rate)
         else:
             optimizer = torch.optim.Adam(model.parameter_groups(learning_rate), lr=learning_rate)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            partial(
-                _learning_rate_factor,
-                steps=level_iterations,
-                final=settings.final_learning_rate,
-                warmup=min(model.warmup_iterations, level_iterations // 4),
-            ),
+        learning_rate_factor = partial(
+            _learning_rate_factor,
+            steps=level_iterations,
+            final=settings.final_learning_rate,
+            warmup=min(model.warmup_iterations, level_iterations // 4),
         )
         best, since_best = math.inf, 0
         for iteration in range(level_iterations):
+            set_learning_rate_factor(optimizer, learning_rate_factor(iteration))
             optimizer.zero_grad(set_to_none=True)
             u_level = model(fixed_level, moving_level)
             total, sim, reg = loss_terms(fixed_level, warp_moving, u_level, mask_level)
@@ -335,7 +374,6 @@ def run_pyramid(
                 )
             total.backward()
             optimizer.step()
-            schedule.step()
             done_iterations += 1
             value = float(total.detach())
             if value < best - settings.tolerance * abs(best if math.isfinite(best) else value):

@@ -837,6 +837,68 @@ def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
     assert CNNField.warmup_iterations > 0
 
 
+def test_dense_field_optimizer_steps_follow_their_update_rules():
+    from cnnreg.optimize import GlobalAdam, GreedyFluid, set_learning_rate_factor
+
+    gradient = torch.tensor([[[3.0, 0.0], [-4.0, 1.0]]])  # (1, ndim=2, 2 voxels): vectors (3, -4), (0, 1)
+    for optimizer_class, expected in (
+        # first Adam step: bias-corrected momentum = g, square = mean(g^2): a step of lr * g / rms(g)
+        (GlobalAdam, -0.2 * 0.5 * gradient / gradient.pow(2).mean().sqrt()),
+        # greedy, no smoothing: the voxel with the longest gradient vector (|(3, -4)| = 5) moves by lr
+        (lambda params, lr: GreedyFluid(params, lr=lr, sigma=0.0), -0.2 * 0.5 * gradient / 5.0),
+    ):
+        p = torch.zeros(1, 2, 2, requires_grad=True)
+        optimizer = optimizer_class([p], lr=0.2)
+        set_learning_rate_factor(optimizer, 0.5)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+        p.grad = gradient.clone()
+        optimizer.step()
+        torch.testing.assert_close(p.detach(), expected)
+        optimizer.zero_grad()
+        assert p.grad is None
+    set_learning_rate_factor(optimizer, 1.0)  # scales the initial rate, not the current one
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_learning_rate_factor_matches_torch_lambda_lr():
+    from functools import partial
+
+    from cnnreg.optimize import _learning_rate_factor, set_learning_rate_factor
+
+    factor = partial(_learning_rate_factor, steps=8, final=0.1, warmup=2)
+    p = torch.zeros(2, requires_grad=True)
+    ours = torch.optim.Adam([{"params": [p], "lr": 0.3}], lr=0.3)
+    reference = torch.optim.Adam([torch.zeros(2, requires_grad=True)], lr=0.3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(reference, factor)
+    for step in range(8):
+        set_learning_rate_factor(ours, factor(step))
+        assert ours.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+
+
+def test_dense_field_registration_does_not_import_torch_dynamo(tmp_path, synth):
+    # torch.optim optimisers import torch._dynamo when first built (1.4-2 s per process); the
+    # Slicer module starts a process per registration
+    import subprocess
+    import sys
+
+    fixed, moving = (synth.make_image(synth.blob_array((24, 20, 16), seed=s)) for s in (0, 1))
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
+    script = (
+        "import sys, SimpleITK as sitk; from cnnreg.registration import register; "
+        "from cnnreg.settings import RegistrationSettings, OptimizationSettings; "
+        f"f, m = (sitk.ReadImage(str(p)) for p in ({str(tmp_path / 'f.nii.gz')!r}, {str(tmp_path / 'm.nii.gz')!r})); "
+        "r = register(f, m, RegistrationSettings(mode='instance', device='cpu', "
+        "optimization=OptimizationSettings(iterations=[2, 2], levels=2))); "
+        "print(r.summary['iterations'], 'torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False"
+
+
 @pytest.mark.parametrize(
     "name, before, after, gain",
     [
