@@ -59,9 +59,9 @@ class FieldOptimizer:
     """Base of the dense-field optimisers: ``param_groups`` (dicts with ``params``, ``lr``,
     ``initial_lr`` and the optimiser's hyper-parameters), per-tensor ``state`` and
     :meth:`zero_grad`, as in ``torch.optim`` -- but not a ``torch.optim.Optimizer``: building
-    one of those imports ``torch._dynamo`` (1.4-2 s on the first use in a process), a third
-    of a learned-refine registration, and the Slicer module runs each registration in a new
-    process.  Subclasses implement :meth:`step`."""
+    one of those imports ``torch._dynamo`` on the first use in a process (1.4-2 s; a
+    learned-refine registration of a 96^3 pair takes ~2 s without it), and the Slicer module
+    runs each registration in a new process.  Subclasses implement :meth:`step`."""
 
     def __init__(self, params, defaults: dict):
         params = list(params)
