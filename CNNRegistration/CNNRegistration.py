@@ -81,7 +81,8 @@ _DEFAULT_SETTINGS = RegistrationSettings()
 class CNNRegistrationParameterNode:
     """Module settings stored in the scene.
 
-    weight: regularization weight (dimensionless). iterations: per pyramid level (phantom,
+    weight: regularization weight (dimensionless). window: local-NCC window, voxels (odd).
+    iterations: per pyramid level (phantom,
     instance) or refinement iterations (learned-refine); 0 = backend default.
     fullResolutionIterations: phantom mode's iterations with the CNN on the full-size images.
     Output nodes are created by the run when left empty.
@@ -95,6 +96,7 @@ class CNNRegistrationParameterNode:
     similarity: Similarity = _DEFAULT_SETTINGS.similarity
     regularizer: Regularizer = _DEFAULT_SETTINGS.regularizer
     weight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.weight
+    window: Annotated[int, WithinRange(1, 99)] = _DEFAULT_SETTINGS.window
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
     fullResolutionIterations: Annotated[int, WithinRange(0, 100000)] = _DEFAULT_SETTINGS.fullResolutionIterations
     # the mode's default, or one of the interpolations the similarity term allows (nearest is
@@ -360,6 +362,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             similarity=parameterNode.similarity,
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
+            window=parameterNode.window,
             iterations=parameterNode.iterations,
             fullResolutionIterations=parameterNode.fullResolutionIterations,
             interpolation=parameterNode.interpolation,
@@ -482,6 +485,9 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameterNode.mode, Mode.INSTANCE)
         self.assertEqual(parameterNode.fullResolutionIterations, 0)
         self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings().mode, Mode.INSTANCE)
+        logic.applyPreset(parameterNode, "Brain MRI, quick (learned)")
+        self.assertEqual(parameterNode.mode, Mode.LEARNED_REFINE)
+        self.assertEqual(parameterNode.window, 3)
 
     @staticmethod
     def _blobVolume(name, center, shape=(24, 24, 24), spacing=(1.5, 1.5, 1.5)):

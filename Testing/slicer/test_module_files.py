@@ -234,12 +234,26 @@ def test_settings_command_line_and_presets():
         settings.RegistrationSettings(mode="fast")
     for name in settings.PRESETS:
         backend = settings.presetSettings(name).backendSettings()
-        assert all(n > 0 for n in backend.optimization.iterations_per_level(3, backend.mode)), name
+        requested = backend.iterations_requested()
+        assert all(n > 0 for n in (requested if isinstance(requested, list) else [requested])), name
     # the brain preset is the default command, whose numbers the benchmark reports
     assert settings.presetSettings("Brain MRI").commandLineArguments() == ["--mode", "instance"]
     # the phantom preset is the benchmark's phantom-long configuration
     phantom = settings.presetSettings("Phantom to CT").commandLineArguments()
     assert phantom == ["--mode", "phantom", "--cnn-full-resolution-iterations", "120"]
+    # the quick learned preset is the benchmark's learned-refine configuration
+    quick = settings.presetSettings("Brain MRI, quick (learned)").commandLineArguments()
+    assert dict(zip(quick[::2], quick[1::2])) == {
+        "--mode": "learned-refine",
+        "--window": "3",
+        "--weight": "0.5",
+        "--refine-iterations": "4",
+    }
+    # the LNCC window: passed on when not the default, checked by the backend (odd)
+    assert settings.RegistrationSettings(window=7).backendSettings().optimization.window == 7
+    assert settings.RegistrationSettings(window=5).commandLineArguments() == ["--mode", "instance"]
+    with pytest.raises(ValueError, match="window: must be odd"):
+        settings.RegistrationSettings(window=4)
     # phantom mode only: other modes ignore it and pass no option
     instance = settings.RegistrationSettings(mode="instance", fullResolutionIterations=50)
     assert instance.backendSettings().optimization.cnn_full_resolution_iterations == 0

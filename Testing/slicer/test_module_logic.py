@@ -90,7 +90,9 @@ def test_parameter_node_declaration(module):
         "similarity",
         "regularizer",
         "weight",
+        "window",
         "iterations",
+        "fullResolutionIterations",
         "interpolation",
         "device",
         "keepTemporaryFiles",
@@ -104,7 +106,7 @@ def test_parameter_node_declaration(module):
     # holds nearest, for labels); the panel starts at the mode's default
     kind, choice = typing.get_args(hints["interpolation"])
     assert kind is str and choice.choices == ["default", "linear", "cubic"] and defaults["interpolation"] == "default"
-    for name in ("weight", "iterations", "fullResolutionIterations"):
+    for name in ("weight", "window", "iterations", "fullResolutionIterations"):
         limits = typing.get_args(hints[name])[1]
         assert limits.minimum <= defaults[name] <= limits.maximum
     assert typing.get_args(hints["weight"])[1].maximum == 100
@@ -130,6 +132,12 @@ def test_logic_settings_presets_and_summary_text(module):
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments() == ["--mode", "instance"]
     assert parameterNode.fullResolutionIterations == 0  # the preset resets what Phantom to CT set
+    logic.applyPreset(parameterNode, "Brain MRI, quick (learned)")
+    settings = logic.settingsFromParameterNode(parameterNode)
+    assert (settings.mode.value, settings.window, settings.weight, settings.iterations) == ("learned-refine", 3, 0.5, 4)
+    assert settings.backendSettings().refine_iterations == 4
+    logic.applyPreset(parameterNode, "Brain MRI")  # resets the window and the iterations
+    assert (parameterNode.window, parameterNode.iterations) == (5, 0)
     text = logic.formatSummary(
         {
             "similarity": "lncc",
