@@ -486,3 +486,43 @@ def test_the_shipped_weights_match_their_manifest_and_register_the_sample_pair(m
     after = np.mean(list(dice_per_label(truth, sitk.GetArrayFromImage(result.warped_labels)).values()))
     assert after > before + 0.003, (before, after)
     assert result.summary["folding_percent"] <= 0.1
+
+
+def test_the_quick_refinement_of_the_shipped_prediction_raises_dice_on_the_sample_pair(monkeypatch):
+    """The Slicer preset *Brain MRI, quick (learned)* (the benchmark's learned-refine): 4
+    dense-field iterations from the shipped network's prediction raise the GM/WM overlap of the
+    bundled sample pair above the prediction's, without folding."""
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from cnnreg.evaluate import dice_per_label
+    from cnnreg.learned import models_folder
+    from cnnreg.registration import register
+    from cnnreg.settings import OptimizationSettings, RegistrationSettings
+
+    monkeypatch.delenv(MODELS_ENV, raising=False)
+    if not (models_folder() / "models.json").is_file():
+        pytest.skip("no weights are shipped")
+    data = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
+    fixed, moving = sitk.ReadImage(str(data / "fixed.nii.gz")), sitk.ReadImage(str(data / "moving.nii.gz"))
+    labels = sitk.ReadImage(str(data / "moving_labels.nii.gz"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "fixed_labels.nii.gz")))
+
+    def dice(settings):
+        result = register(fixed, moving, settings, moving_labels=labels)
+        warped = sitk.GetArrayFromImage(result.warped_labels)
+        return np.mean(list(dice_per_label(truth, warped).values())), result.summary
+
+    predicted, _ = dice(RegistrationSettings(mode="learned", device="cpu"))
+    quick = RegistrationSettings(
+        mode="learned-refine",
+        device="cpu",
+        refine_iterations=4,
+        optimization=OptimizationSettings(window=3, weight=0.5),
+    )
+    refined, summary = dice(quick)
+    assert summary["iterations"] == [4]
+    assert refined > predicted + 0.005, (predicted, refined)  # measured: 0.957 -> 0.972
+    assert summary["similarity_after"] > summary["similarity_before"]
+    assert summary["folding_percent"] == 0.0
