@@ -82,8 +82,8 @@ class CNNRegistrationParameterNode:
     """Module settings stored in the scene.
 
     weight: regularization weight (dimensionless). window: local-NCC window, voxels (odd).
-    iterations: per pyramid level (phantom,
-    instance) or refinement iterations (learned-refine); 0 = backend default.
+    iterations: per pyramid level (phantom, instance) or refinement iterations
+    (learned-refine); 0 = backend default.
     fullResolutionIterations: phantom mode's iterations with the CNN on the full-size images.
     Output nodes are created by the run when left empty.
     """

@@ -126,7 +126,7 @@ PRESETS = {
     # The same images in seconds: the shipped network's prediction polished by 4 dense-field
     # iterations at full resolution with a 3-voxel LNCC window and weight 0.5 (the benchmark's
     # learned-refine: mni2mm 0.9705 in 2.2 s against the fast instance setting's 0.9695 in
-    # 8.0 s, itk_t1 0.944 like the Brain MRI preset in a quarter of its time; on the real pair
+    # 8.0 s; itk_t1 0.944 like the Brain MRI preset in a ninth of its time; on the real pair
     # MNI152 -> Colin27 0.761 against Brain MRI's 0.797, README, Results).  For skull-stripped
     # T1 near MNI152 (the network's training domain); otherwise use Brain MRI.
     "Brain MRI, quick (learned)": dict(
