@@ -106,6 +106,26 @@ class RegistrationSettings:
         return backend.command_line_arguments(self.backendSettings())
 
 
+def _preset(mode: Mode, **changes) -> dict:
+    """Every setting a preset fills (so that choosing one resets what another set): local NCC
+    with window 5, diffusion regularization of weight 1, the mode's iterations and
+    interpolation, no full-resolution stage; then ``changes``."""
+    values = dict(
+        mode=mode,
+        similarity=Similarity.LNCC,
+        regularizer=Regularizer.DIFFUSION,
+        weight=1.0,
+        window=5,
+        iterations=0,
+        fullResolutionIterations=0,
+        interpolation=MODE_DEFAULT,
+    )
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise KeyError(f"not preset settings: {sorted(unknown)}")
+    return {**values, **changes}
+
+
 #: Named settings that fill the panel in one click. Values are keyword arguments of
 #: :class:`RegistrationSettings`.
 PRESETS = {
@@ -113,32 +133,14 @@ PRESETS = {
     # optimisation with local NCC (robust to intensity non-uniformity) and the backend's
     # accurate defaults (cubic B-spline sampling, 2-voxel control grid, 100/60/60 iterations),
     # the setting that led the benchmark on the brain cases (README, Results).
-    "Brain MRI": dict(
-        mode=Mode.INSTANCE,
-        similarity=Similarity.LNCC,
-        regularizer=Regularizer.DIFFUSION,
-        weight=1.0,
-        window=5,
-        iterations=0,
-        fullResolutionIterations=0,
-        interpolation=MODE_DEFAULT,
-    ),
+    "Brain MRI": _preset(Mode.INSTANCE),
     # The same images in seconds: the shipped network's prediction polished by 4 dense-field
     # iterations at full resolution with a 3-voxel LNCC window and weight 0.5 (the benchmark's
     # learned-refine: mni2mm 0.9705 in 2.2 s against the fast instance setting's 0.9695 in
     # 8.0 s; itk_t1 0.944 like the Brain MRI preset in a ninth of its time; on the real pair
     # MNI152 -> Colin27 0.761 against Brain MRI's 0.797, README, Results).  For skull-stripped
     # T1 near MNI152 (the network's training domain); otherwise use Brain MRI.
-    "Brain MRI, quick (learned)": dict(
-        mode=Mode.LEARNED_REFINE,
-        similarity=Similarity.LNCC,
-        regularizer=Regularizer.DIFFUSION,
-        weight=0.5,
-        window=3,
-        iterations=4,
-        fullResolutionIterations=0,
-        interpolation=MODE_DEFAULT,
-    ),
+    "Brain MRI, quick (learned)": _preset(Mode.LEARNED_REFINE, weight=0.5, window=3, iterations=4),
     # XCAT-like phantom to patient CT (Chen et al. 2020): no training, the CNN is optimised on
     # the pair with the backend's phantom schedule (100/60/80 iterations on a working grid of
     # <= 128^3) and 120 more with the CNN on the full-size images: a phantom warped to another
@@ -146,16 +148,7 @@ PRESETS = {
     # choice of the panel): on the benchmark's phantom-to-image case phantom_mni it reached 0.793
     # against 0.773 (demons 0.788), on the real pair mni_colin 0.781 against 0.771 (README,
     # Results: phantom-long is this preset).  The paper ran 8000 iterations on a GPU.
-    "Phantom to CT": dict(
-        mode=Mode.PHANTOM,
-        similarity=Similarity.LNCC,
-        regularizer=Regularizer.DIFFUSION,
-        weight=1.0,
-        window=5,
-        iterations=0,
-        fullResolutionIterations=120,
-        interpolation=MODE_DEFAULT,
-    ),
+    "Phantom to CT": _preset(Mode.PHANTOM, fullResolutionIterations=120),
 }
 
 

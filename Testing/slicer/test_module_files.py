@@ -241,6 +241,11 @@ def test_settings_command_line_and_presets():
     # the phantom preset is the benchmark's phantom-long configuration
     phantom = settings.presetSettings("Phantom to CT").commandLineArguments()
     assert phantom == ["--mode", "phantom", "--cnn-full-resolution-iterations", "120"]
+    # every preset fills the same settings, so choosing one resets what another set
+    filled = {name: set(values) for name, values in settings.PRESETS.items()}
+    assert all(keys == filled["Brain MRI"] for keys in filled.values()) and "window" in filled["Brain MRI"]
+    with pytest.raises(KeyError, match="not preset settings"):
+        settings._preset(settings.Mode.INSTANCE, windw=3)
     # the quick learned preset is the benchmark's learned-refine configuration
     quick = settings.presetSettings("Brain MRI, quick (learned)").commandLineArguments()
     assert dict(zip(quick[::2], quick[1::2])) == {
