@@ -56,35 +56,21 @@ def capped_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
 
 
 class FieldOptimizer:
-    """Base of the dense-field optimisers: ``param_groups`` (dicts with ``params``, ``lr``,
-    ``initial_lr`` and the optimiser's hyper-parameters), per-tensor ``state`` and
-    :meth:`zero_grad`, as in ``torch.optim`` -- but not a ``torch.optim.Optimizer``: building
-    one of those imports ``torch._dynamo`` on the first use in a process (1.4-2 s; a
-    learned-refine registration of a 96^3 pair takes ~2 s without it), and the Slicer module
-    runs each registration in a new process.  Subclasses implement :meth:`step`."""
+    """Base of the dense-field optimisers: one parameter group (``lr`` and the optimiser's
+    hyper-parameters), per-tensor ``state`` and :meth:`zero_grad`, as in ``torch.optim`` -- but
+    not a ``torch.optim.Optimizer``: building one of those imports ``torch._dynamo`` on the
+    first use in a process (1.4-2 s; a learned-refine registration of a 96^3 pair takes ~2 s
+    without it), and the Slicer module runs each registration in a new process.  Subclasses
+    implement ``step()``."""
 
     def __init__(self, params, defaults: dict):
-        params = list(params)
-        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        self.param_groups = []
-        for group in groups:
-            group = {**defaults, **group, "params": list(group["params"])}
-            group.setdefault("initial_lr", group["lr"])
-            self.param_groups.append(group)
+        self.param_groups = [{**defaults, "params": list(params)}]
         self.state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-
-    def step(self) -> None:
-        raise NotImplementedError
+                p.grad = None
 
 
 def set_learning_rate_factor(optimizer, factor: float) -> None:
@@ -365,7 +351,7 @@ def run_pyramid(
         best, since_best = math.inf, 0
         for iteration in range(level_iterations):
             set_learning_rate_factor(optimizer, learning_rate_factor(iteration))
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             u_level = model(fixed_level, moving_level)
             total, sim, reg = loss_terms(fixed_level, warp_moving, u_level, mask_level)
             if not torch.isfinite(total):

@@ -1,0 +1,145 @@
+"""cnnreg.optimize's parts, without a registration of images: the pyramid grids, the phantom
+CNN's field and initialisation, the dense-field optimisers and the learning-rate schedule
+(tested against torch's ``LambdaLR``), and that the dense-field modes never import
+``torch._dynamo``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cnnreg.optimize import capped_shape, pyramid_shapes
+from cnnreg.settings import OptimizationSettings
+
+
+def test_pyramid_and_capped_shapes():
+    assert pyramid_shapes((64, 64, 64), 3) == [(16, 16, 16), (32, 32, 32), (64, 64, 64)]
+    assert pyramid_shapes((40, 40, 20), 3) == [(20, 20, 20), (40, 40, 20)]  # 20 < 32 is kept; stops at 20
+    assert pyramid_shapes((20, 24), 3) == [(20, 24)]
+    assert pyramid_shapes((65, 33), 2) == [(33, 17), (65, 33)]
+    assert capped_shape((40, 40, 40), 32**3) == (32, 32, 32)
+    assert capped_shape((20, 30), 10**4) == (20, 30)
+    settings = OptimizationSettings(iterations=(40, 30, 20))
+    assert settings.iterations_per_level(2) == [30, 20]
+    assert settings.iterations_per_level(4) == [40, 40, 30, 20]
+    assert OptimizationSettings(iterations=7).iterations_per_level(3) == [7, 7, 7]
+
+
+def test_the_phantom_field_from_a_coarser_network_input():
+    """``input_shape``: the network sees the pair resampled to it (once per pair of tensors),
+    and its field, resized to the level's grid in the level's voxels, is added to the base."""
+    from cnnreg.optimize import CNNField, phantom_network
+    from cnnreg.spatial import resize_field, resize_image
+
+    torch.manual_seed(0)
+    network = phantom_network(3, 4)
+    base = torch.randn(1, 3, 32, 24, 40)
+    model = CNNField(network, base, 0.0, (16, 12, 20))
+    network.head.weight.data.normal_(std=0.1)  # CNNField zeroed the head; a non-zero field to compare
+    fixed, moving = torch.rand(1, 1, 32, 24, 40), torch.rand(1, 1, 32, 24, 40)
+    seen = []
+    network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        u = model(fixed, moving)
+        again = model(fixed, moving)
+        expected = base + resize_field(network(resize_image(torch.cat([moving, fixed], 1), (16, 12, 20))), (32, 24, 40))
+        other = model(fixed.clone(), moving)
+    assert seen[0].shape == (1, 2, 16, 12, 20) and seen[1] is seen[0]  # resampled once for the same tensors
+    assert seen[3] is not seen[0]  # new tensors: resampled again
+    assert u.shape == base.shape and again.equal(u) and other.equal(u)
+    torch.testing.assert_close(u, expected)
+    assert float((u - base).abs().max()) > 0.01
+
+
+def test_the_phantom_network_keeps_its_features_from_vanishing():
+    """Kaiming initialisation for LeakyReLU: the features that reach the zero head keep the
+    input's scale (PyTorch's default initialisation left std 0.013 for an input of std 0.29,
+    too little for the head's Adam steps to move the field)."""
+    from cnnreg.optimize import phantom_network
+
+    torch.manual_seed(0)
+    network = phantom_network(3, 16)
+    pair = torch.rand((1, 2, 64, 64, 64))
+    features = []
+    network.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        field = network(pair)
+    assert float(field.abs().max()) == 0.0  # the head starts at zero: u = base at every level start
+    assert float(features[0].std()) > 0.5 * float(pair.std())
+
+
+def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
+    from cnnreg.optimize import CNNField, _learning_rate_factor
+
+    factors = [_learning_rate_factor(step, 100, 0.1, warmup=10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert factors[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone after the warm-up
+    assert _learning_rate_factor(0, 100, 0.1) == pytest.approx(1.0)  # dense fields: no warm-up
+    assert CNNField.warmup_iterations > 0
+
+
+def test_dense_field_optimizer_steps_follow_their_update_rules():
+    from cnnreg.optimize import GlobalAdam, GreedyFluid, set_learning_rate_factor
+
+    gradient = torch.tensor([[[3.0, 0.0], [-4.0, 1.0]]])  # (1, ndim=2, 2 voxels): vectors (3, -4), (0, 1)
+    for optimizer_class, expected in (
+        # first Adam step: bias-corrected momentum = g, square = mean(g^2): a step of lr * g / rms(g)
+        (GlobalAdam, -0.2 * 0.5 * gradient / gradient.pow(2).mean().sqrt()),
+        # greedy, no smoothing: the voxel with the longest gradient vector (|(3, -4)| = 5) moves by lr
+        (lambda params, lr: GreedyFluid(params, lr=lr, sigma=0.0), -0.2 * 0.5 * gradient / 5.0),
+    ):
+        p = torch.zeros(1, 2, 2, requires_grad=True)
+        optimizer = optimizer_class([p], lr=0.2)
+        set_learning_rate_factor(optimizer, 0.5)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+        p.grad = gradient.clone()
+        optimizer.step()
+        torch.testing.assert_close(p.detach(), expected)
+        optimizer.zero_grad()
+        assert p.grad is None
+    set_learning_rate_factor(optimizer, 1.0)  # scales the initial rate, not the current one
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_learning_rate_factor_matches_torch_lambda_lr():
+    from functools import partial
+
+    from cnnreg.optimize import _learning_rate_factor, set_learning_rate_factor
+
+    factor = partial(_learning_rate_factor, steps=8, final=0.1, warmup=2)
+    p = torch.zeros(2, requires_grad=True)
+    ours = torch.optim.Adam([{"params": [p], "lr": 0.3}], lr=0.3)
+    reference = torch.optim.Adam([torch.zeros(2, requires_grad=True)], lr=0.3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(reference, factor)
+    for step in range(8):
+        set_learning_rate_factor(ours, factor(step))
+        assert ours.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+
+
+def test_dense_field_registration_does_not_import_torch_dynamo(tmp_path, synth):
+    # torch.optim optimisers import torch._dynamo when first built (1.4-2 s per process); the
+    # Slicer module starts a process per registration
+    import subprocess
+    import sys
+
+    fixed, moving = (synth.make_image(synth.blob_array((24, 20, 16), seed=s)) for s in (0, 1))
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
+    script = (
+        "import sys, SimpleITK as sitk; from cnnreg.registration import register; "
+        "from cnnreg.settings import RegistrationSettings, OptimizationSettings; "
+        f"f, m = (sitk.ReadImage(str(p)) for p in ({str(tmp_path / 'f.nii.gz')!r}, {str(tmp_path / 'm.nii.gz')!r})); "
+        "r = register(f, m, RegistrationSettings(mode='instance', device='cpu', "
+        "optimization=OptimizationSettings(iterations=[2, 2], levels=2))); "
+        "print(r.summary['iterations'], 'torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False"
