@@ -36,6 +36,7 @@ from CNNRegistrationLib.settings import (
     WEIGHT_RANGE,
     Device,
     Mode,
+    Normalization,
     RegistrationSettings,
     Regularizer,
     Similarity,
@@ -102,6 +103,9 @@ class CNNRegistrationParameterNode:
     # the mode's default, or one of the interpolations the similarity term allows (nearest is
     # for label maps)
     interpolation: Annotated[str, Choice([MODE_DEFAULT, *(i.value for i in SIMILARITY_INTERPOLATIONS)])] = MODE_DEFAULT
+    normalization: Normalization = _DEFAULT_SETTINGS.normalization
+    affine: bool = _DEFAULT_SETTINGS.affine
+    workingSpacing: Annotated[float, WithinRange(0.0, 20.0)] = _DEFAULT_SETTINGS.workingSpacing
     device: Device = _DEFAULT_SETTINGS.device
     keepTemporaryFiles: bool = False
     showJacobian: bool = False
@@ -366,6 +370,9 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             iterations=parameterNode.iterations,
             fullResolutionIterations=parameterNode.fullResolutionIterations,
             interpolation=parameterNode.interpolation,
+            normalization=parameterNode.normalization,
+            affine=parameterNode.affine,
+            workingSpacing=parameterNode.workingSpacing,
             device=parameterNode.device,
             keepTemporaryFiles=parameterNode.keepTemporaryFiles,
         )
@@ -475,19 +482,20 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         self.test_RegisterShiftedBlob()
 
     def test_Presets(self):
+        from cnnreg.settings import PRESETS as BACKEND_PRESETS
+
         logic = CNNRegistrationLogic()
         parameterNode = logic.getParameterNode()
-        logic.applyPreset(parameterNode, "Phantom to CT")
+        for preset in BACKEND_PRESETS.values():  # each panel preset runs exactly the command line's --preset
+            logic.applyPreset(parameterNode, preset.label)
+            self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings(), preset.settings())
+        logic.applyPreset(parameterNode, "Phantom to CT (phantom CNN)")
         self.assertEqual(parameterNode.mode, Mode.PHANTOM)
-        self.assertEqual(parameterNode.similarity, Similarity.LNCC)
-        self.assertEqual(parameterNode.fullResolutionIterations, 120)
+        self.assertEqual(parameterNode.normalization, Normalization.CT)
         logic.applyPreset(parameterNode, "Brain MRI")
         self.assertEqual(parameterNode.mode, Mode.INSTANCE)
-        self.assertEqual(parameterNode.fullResolutionIterations, 0)
-        self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings().mode, Mode.INSTANCE)
-        logic.applyPreset(parameterNode, "Brain MRI, quick (learned)")
-        self.assertEqual(parameterNode.mode, Mode.LEARNED_REFINE)
-        self.assertEqual(parameterNode.window, 3)
+        self.assertEqual(parameterNode.workingSpacing, 0.0)
+        self.assertFalse(parameterNode.affine)
 
     @staticmethod
     def _blobVolume(name, center, shape=(24, 24, 24), spacing=(1.5, 1.5, 1.5)):

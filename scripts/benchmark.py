@@ -101,6 +101,10 @@ OUR_CONFIGS: dict[str, list[str]] = {
         "0.8",
         *_PHANTOM_FINE,
     ],
+    # phantom to patient CT (the xcat_ct case): the presets of `cnnreg register --preset NAME`
+    # and of the Slicer module (cnnreg.settings.PRESETS)
+    "phantom-to-ct": ["--preset", "phantom-to-ct"],
+    "phantom-to-ct-cnn": ["--preset", "phantom-to-ct-cnn"],
 }
 #: appended to every configuration with --quick
 QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]
@@ -184,6 +188,10 @@ def evaluate_row(row: dict, case_dir: Path, info: dict) -> dict:
     many_labels = len(names) > 20
     if row["method"] == "before":
         warped_labels = _read(case_dir / "moving_labels.nii.gz")
+        if warped_labels.GetSize() != fixed_labels.GetSize() or warped_labels.GetOrigin() != fixed_labels.GetOrigin():
+            # a pair on two grids (xcat_ct): the moving labels where they fall on the fixed grid
+            identity = sitk.Transform(fixed_labels.GetDimension(), sitk.sitkIdentity)
+            warped_labels = sitk.Resample(warped_labels, fixed_labels, identity, sitk.sitkNearestNeighbor, 0)
         field = sitk.Image(fixed_labels.GetSize(), sitk.sitkVectorFloat64, fixed_labels.GetDimension())
         field.CopyInformation(fixed_labels)
     elif row.get("status") == "ok":

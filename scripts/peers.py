@@ -15,6 +15,11 @@ Methods
                         costs ~100 s per half-resolution iteration at 96^3 on 2 cores (hours in
                         all), so we use radius 4, ANTs' usual CC setting (antsRegistrationSyN.sh).
     ``elastix_bspline`` itk-elastix B-spline, AdvancedNormalizedCorrelation, 3 resolutions.
+    ``greedy``          Greedy (picsl-greedy wheel, PICSL): deformable, NCC 2x2x2, 100x50x20
+                        iterations on a 3-level pyramid (its documented brain setting); on cases
+                        whose pair is not pre-aligned (``case.json`` ``"aligned": false``) an
+                        affine (12 dof, image centres, NCC) first, and the two composed into one
+                        field with ``-rc``.
     ``cnnreg``          ``python -m cnnreg register ...`` run in-process via ``cnnreg.cli.main``.
 
 Each child writes into its output folder ``displacement.nii.gz`` (ITK field, LPS mm, fixed
@@ -42,11 +47,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ("demons", "elastix_bspline", "ants_syn")
+PEERS = ("demons", "elastix_bspline", "ants_syn", "greedy")
 METHODS = (*PEERS, "cnnreg")
 #: pip distribution that provides each peer's Python module
-PIP_NAMES = {"ants_syn": "antspyx", "elastix_bspline": "itk-elastix"}
-IMPORT_NAMES = {"ants_syn": "ants", "elastix_bspline": "itk", "demons": "SimpleITK"}
+PIP_NAMES = {"ants_syn": "antspyx", "elastix_bspline": "itk-elastix", "greedy": "picsl-greedy"}
+IMPORT_NAMES = {"ants_syn": "ants", "elastix_bspline": "itk", "demons": "SimpleITK", "greedy": "picsl_greedy"}
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -207,7 +212,9 @@ def _failed_row(method, status, error, wall, rss_mib, threads) -> dict:
 def _read_case(case_dir: Path) -> dict:
     import SimpleITK as sitk
 
+    info_path = case_dir / "case.json"
     return {
+        "info": json.loads(info_path.read_text()) if info_path.exists() else {},
         "fixed": sitk.ReadImage(str(case_dir / "fixed.nii.gz"), sitk.sitkFloat32),
         "moving": sitk.ReadImage(str(case_dir / "moving.nii.gz"), sitk.sitkFloat32),
         "moving_labels": sitk.ReadImage(str(case_dir / "moving_labels.nii.gz")),
@@ -366,6 +373,40 @@ def _elastix_bspline(case: dict, out: Path, quick: bool, threads: int, seed: int
     }
 
 
+def _greedy(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: Sequence[str]) -> dict:
+    """Greedy (affine first on unaligned pairs), one displacement field composed with ``-rc``."""
+    del seed  # Greedy is deterministic
+    from picsl_greedy import Greedy3D
+
+    paths = case["paths"]
+    iterations = "20x10x0" if quick else "100x50x20"
+    base = f"-d 3 -threads {threads}"
+    commands = []
+    start = time.perf_counter()
+    affine = case["info"].get("aligned", True) is False
+    if affine:
+        commands.append(
+            f"{base} -a -dof 12 -ia-image-centers -i {paths['fixed']} {paths['moving']} -m NCC 2x2x2 "
+            f"-n {'20x10x0' if quick else '100x50x10'} -o {out / 'affine.mat'}"
+        )
+    commands.append(
+        f"{base} -i {paths['fixed']} {paths['moving']} -m NCC 2x2x2 -n {iterations} -s 2.0vox 0.5vox"
+        + (f" -it {out / 'affine.mat'}" if affine else "")
+        + f" -o {out / 'warp.nii.gz'}"
+        + (" " + " ".join(extra) if extra else "")
+    )
+    # one field fixed -> moving: the deformable warp, then the affine (greedy -r order: last applied first)
+    transforms = f"{out / 'warp.nii.gz'}" + (f" {out / 'affine.mat'}" if affine else "")
+    commands.append(f"{base} -rf {paths['fixed']} -r {transforms} -rc {out / 'displacement.nii.gz'}")
+    for command in commands:
+        Greedy3D().execute(command)
+    return {
+        "registration_s": time.perf_counter() - start,
+        "parameters": {"commands": commands},
+        "versions": {"picsl-greedy": _distribution_version("picsl_greedy")},
+    }
+
+
 def _cnnreg(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: Sequence[str]) -> dict:
     """Our CLI, in-process: ``cnnreg.cli.main(["register", ...])``; its own outputs are kept."""
     import torch
@@ -411,7 +452,13 @@ def _cnnreg(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
     }
 
 
-RUNNERS = {"demons": _demons, "ants_syn": _ants_syn, "elastix_bspline": _elastix_bspline, "cnnreg": _cnnreg}
+RUNNERS = {
+    "demons": _demons,
+    "ants_syn": _ants_syn,
+    "elastix_bspline": _elastix_bspline,
+    "greedy": _greedy,
+    "cnnreg": _cnnreg,
+}
 
 
 def _distribution_version(name: str) -> str:

@@ -12,7 +12,15 @@ from __future__ import annotations
 import dataclasses
 
 from cnnreg import settings as backend
-from cnnreg.settings import SIMILARITY_INTERPOLATIONS, Device, Interpolation, Mode, Regularizer, Similarity
+from cnnreg.settings import (
+    SIMILARITY_INTERPOLATIONS,
+    Device,
+    Interpolation,
+    Mode,
+    Normalization,
+    Regularizer,
+    Similarity,
+)
 
 __all__ = [
     "MODE_DEFAULT",
@@ -21,6 +29,7 @@ __all__ = [
     "Device",
     "Interpolation",
     "Mode",
+    "Normalization",
     "RegistrationSettings",
     "Regularizer",
     "Similarity",
@@ -50,8 +59,10 @@ class RegistrationSettings:
     ``interpolation`` samples the moving
     image in the similarity term and in the warped volume (one of
     :data:`SIMILARITY_INTERPOLATIONS`, or None / :data:`MODE_DEFAULT` for the mode's default:
-    cubic B-spline for instance, learned-refine and phantom, linear for learned). Defaults
-    are the backend's.
+    cubic B-spline for instance, learned-refine and phantom, linear for learned).
+    ``normalization`` (e.g. ``ct`` for images in HU), ``affine`` (pre-alignment) and
+    ``workingSpacing`` (mm of the grid the field is estimated on; 0 = the fixed grid) are the
+    backend's ``normalization``, ``affine`` and ``working_spacing``. Defaults are the backend's.
     """
 
     mode: Mode = _DEFAULTS.mode
@@ -62,6 +73,9 @@ class RegistrationSettings:
     iterations: int = 0
     fullResolutionIterations: int = _DEFAULTS.optimization.cnn_full_resolution_iterations
     interpolation: Interpolation | None = _DEFAULTS.optimization.interpolation
+    normalization: Normalization = _DEFAULTS.normalization
+    affine: bool = _DEFAULTS.affine
+    workingSpacing: float = _DEFAULTS.working_spacing
     device: Device = Device(_DEFAULTS.device)
     seed: int | None = None
     keepTemporaryFiles: bool = False
@@ -69,6 +83,7 @@ class RegistrationSettings:
     def __post_init__(self):
         # Accept the command-line strings as well as the enum members.
         self.mode = Mode(self.mode)
+        self.normalization = Normalization(self.normalization)
         self.similarity = Similarity(self.similarity)
         self.regularizer = Regularizer(self.regularizer)
         self.interpolation = None if self.interpolation in (None, MODE_DEFAULT) else Interpolation(self.interpolation)
@@ -93,7 +108,14 @@ class RegistrationSettings:
             iterations=iterations if self.mode in (Mode.INSTANCE, Mode.PHANTOM) else None,
             cnn_full_resolution_iterations=int(self.fullResolutionIterations) if self.mode is Mode.PHANTOM else 0,
         )
-        run = dict(mode=self.mode, optimization=optimization, device=self.device.value)
+        run = dict(
+            mode=self.mode,
+            optimization=optimization,
+            device=self.device.value,
+            normalization=self.normalization,
+            affine=bool(self.affine),
+            working_spacing=float(self.workingSpacing),
+        )
         if self.mode is Mode.LEARNED_REFINE and iterations:
             run["refine_iterations"] = iterations
         if self.seed is not None:
@@ -106,50 +128,35 @@ class RegistrationSettings:
         return backend.command_line_arguments(self.backendSettings())
 
 
-def _preset(mode: Mode, **changes) -> dict:
-    """Every setting a preset fills (so that choosing one resets what another set): local NCC
-    with window 5, diffusion regularization of weight 1, the mode's iterations and
-    interpolation, no full-resolution stage; then ``changes``."""
-    values = dict(
-        mode=mode,
-        similarity=Similarity.LNCC,
-        regularizer=Regularizer.DIFFUSION,
-        weight=1.0,
-        window=5,
-        iterations=0,
-        fullResolutionIterations=0,
-        interpolation=MODE_DEFAULT,
+def panelValues(settings: backend.RegistrationSettings) -> dict:
+    """The panel's values (keyword arguments of :class:`RegistrationSettings`) that give the
+    backend's ``settings`` back through :meth:`RegistrationSettings.backendSettings`."""
+    optimization = settings.optimization
+    iterations = 0
+    if settings.mode is Mode.LEARNED_REFINE and settings.refine_iterations != _DEFAULTS.refine_iterations:
+        iterations = int(settings.refine_iterations)
+    elif settings.mode in (Mode.INSTANCE, Mode.PHANTOM) and optimization.iterations is not None:
+        iterations = int(optimization.iterations)  # the panel sets one number for every level
+    return dict(
+        mode=settings.mode,
+        similarity=optimization.similarity,
+        regularizer=optimization.regularizer,
+        weight=optimization.weight,
+        window=optimization.window,
+        iterations=iterations,
+        fullResolutionIterations=optimization.cnn_full_resolution_iterations,
+        interpolation=optimization.interpolation.value if optimization.interpolation else MODE_DEFAULT,
+        normalization=settings.normalization,
+        affine=settings.affine,
+        workingSpacing=settings.working_spacing,
     )
-    unknown = set(changes) - set(values)
-    if unknown:
-        raise KeyError(f"not preset settings: {sorted(unknown)}")
-    return {**values, **changes}
 
 
-#: Named settings that fill the panel in one click. Values are keyword arguments of
-#: :class:`RegistrationSettings`.
-PRESETS = {
-    # T1 brain MRI, affinely pre-aligned (as FAIM/VoxelMorph assume): dense-field instance
-    # optimisation with local NCC (robust to intensity non-uniformity) and the backend's
-    # accurate defaults (cubic B-spline sampling, 2-voxel control grid, 100/60/60 iterations),
-    # the setting that led the benchmark on the brain cases (README, Results).
-    "Brain MRI": _preset(Mode.INSTANCE),
-    # The same images in seconds: the shipped network's prediction polished by 4 dense-field
-    # iterations at full resolution with a 3-voxel LNCC window and weight 0.5 (the benchmark's
-    # learned-refine: mni2mm 0.9705 in 2.2 s against the fast instance setting's 0.9695 in
-    # 8.0 s; itk_t1 0.944 like the Brain MRI preset in a ninth of its time; on the real pair
-    # MNI152 -> Colin27 0.761 against Brain MRI's 0.797, README, Results).  For skull-stripped
-    # T1 near MNI152 (the network's training domain); otherwise use Brain MRI.
-    "Brain MRI, quick (learned)": _preset(Mode.LEARNED_REFINE, weight=0.5, window=3, iterations=4),
-    # XCAT-like phantom to patient CT (Chen et al. 2020): no training, the CNN is optimised on
-    # the pair with the backend's phantom schedule (100/60/80 iterations on a working grid of
-    # <= 128^3) and 120 more with the CNN on the full-size images: a phantom warped to another
-    # anatomy needs that finer field.  Local NCC rather than the paper's PCC+SSIM (still a
-    # choice of the panel): on the benchmark's phantom-to-image case phantom_mni it reached 0.793
-    # against 0.773 (demons 0.788), on the real pair mni_colin 0.781 against 0.771 (README,
-    # Results: phantom-long is this preset).  The paper ran 8000 iterations on a GPU.
-    "Phantom to CT": _preset(Mode.PHANTOM, fullResolutionIterations=120),
-}
+#: Named settings that fill the panel in one click: the backend's presets
+#: (``cnnreg.settings.PRESETS``, also ``python -m cnnreg register --preset NAME``) by their
+#: label, as keyword arguments of :class:`RegistrationSettings`.  Every panel setting is filled,
+#: so choosing one preset resets what another set.
+PRESETS = {preset.label: panelValues(preset.settings()) for preset in backend.PRESETS.values()}
 
 
 def presetSettings(name: str) -> RegistrationSettings:

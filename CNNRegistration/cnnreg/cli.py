@@ -79,8 +79,8 @@ def _run_register(args: argparse.Namespace) -> int:
     )
     settings = settings_from_args(args)
     # from the headers, before anything large is read
-    fixed_size = im.size_from_header(args.fixed, "fixed image")
-    check_memory(fixed_size, im.size_from_header(args.moving, "moving image"), settings)
+    fixed_size, fixed_spacing = im.grid_from_header(args.fixed, "fixed image")
+    check_memory(fixed_size, im.size_from_header(args.moving, "moving image"), settings, fixed_spacing)
     if len(fixed_size) == 3 and fixed_size[2] == 1 and min(fixed_size[:2]) > 1:
         raise InputError(
             f"the fixed image {args.fixed} is a single slice stored as a 3D image (size {fixed_size}); its 3D "

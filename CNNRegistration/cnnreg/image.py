@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .nifti import check_nifti, is_nifti
-from .settings import Interpolation, Normalization
+from .settings import CT_WINDOW_HU, Interpolation, Normalization
 from .spatial import lps_to_voxel, voxel_to_lps
 
 GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
@@ -62,7 +62,13 @@ def _read(path: str, role: str, header_only: bool = False):
 
 def size_from_header(path: str | os.PathLike, role: str = "image") -> tuple[int, ...]:
     """The image's size (SimpleITK order ``(i, j, k)``) from its header only: nothing large is read."""
-    return tuple(int(n) for n in _read(_existing(path, role), role, header_only=True).GetSize())
+    return grid_from_header(path, role)[0]
+
+
+def grid_from_header(path: str | os.PathLike, role: str = "image") -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The image's size and spacing (mm), ``(i, j, k)`` order, from its header only."""
+    reader = _read(_existing(path, role), role, header_only=True)
+    return tuple(int(n) for n in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing())
 
 
 def check_image(image: sitk.Image, name: str, allow_constant: bool = False) -> None:
@@ -110,9 +116,14 @@ def to_array(image: sitk.Image) -> np.ndarray:
 
 def normalize(array: np.ndarray, method: Normalization | str = Normalization.MAX) -> np.ndarray:
     """Intensity normalisation: ``max`` divides by the maximum absolute value (the reference
-    methods); ``percentile`` clips to [p0.5, p99.5] and rescales to [0, 1]; ``none`` keeps values."""
+    methods); ``percentile`` clips to [p0.5, p99.5] and rescales to [0, 1]; ``ct`` clips
+    Hounsfield units to :data:`cnnreg.settings.CT_WINDOW_HU` and rescales to [0, 1]; ``none``
+    keeps values."""
     method = Normalization(method)
     array = np.asarray(array, dtype=np.float32)
+    if method is Normalization.CT:
+        low, high = CT_WINDOW_HU
+        return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
     if method is Normalization.MAX:
         peak = float(np.abs(array).max())
         return array / peak if peak > 0 else array
@@ -198,6 +209,80 @@ def resample(
     interpolator = _SITK_INTERPOLATORS[Interpolation(interpolation)]
     transform = transform if transform is not None else sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
     return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
+
+
+def normalized_image(image: sitk.Image, method: Normalization | str) -> sitk.Image:
+    """``image`` as float32 normalised by :func:`normalize`, on its own grid."""
+    array = sitk.GetArrayFromImage(image)
+    normalized = sitk.GetImageFromArray(normalize(array, method))
+    normalized.CopyInformation(image)
+    return normalized
+
+
+#: a CT in Hounsfield units has air (-1000 HU) around the body; an image with nothing below this
+#: value is not in HU (e.g. stored without its rescale intercept, or an MR image)
+MAX_AIR_HU = -500.0
+
+
+def check_hounsfield(image: sitk.Image, name: str) -> None:
+    """InputError unless ``image`` looks like Hounsfield units (some voxel at or below
+    :data:`MAX_AIR_HU`), for ``--normalization ct``."""
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = float(array.min()), float(array.max())
+    if low > MAX_AIR_HU:
+        raise InputError(
+            f"{name} does not look like a CT in Hounsfield units (values {low:g} to {high:g}, no air at or below "
+            f"{MAX_AIR_HU:g} HU), but the CT normalisation (--normalization ct, the phantom-to-CT presets) expects "
+            "HU: convert it (rescale slope and intercept, e.g. HU = stored - 1024) or choose another normalisation"
+        )
+
+
+def looks_like_hounsfield(image: sitk.Image) -> bool:
+    """A guess for advice only: values span air (<= -900) to bone (>= 300), as a CT's do."""
+    array = sitk.GetArrayViewFromImage(image)
+    return float(array.min()) <= -900.0 and float(array.max()) >= 300.0
+
+
+def background_value(image: sitk.Image, method: Normalization | str) -> float:
+    """The value that stands for "outside the image" when it is resampled: its minimum for CT
+    (air, not 0 HU, which is soft tissue), 0 otherwise."""
+    return float(sitk.GetArrayViewFromImage(image).min()) if Normalization(method) is Normalization.CT else 0.0
+
+
+def working_size(size: Sequence[int], spacing: Sequence[float], working_spacing: float) -> tuple[int, ...]:
+    """Size ``(i, j[, k])`` of the working grid over an image of ``size`` voxels of ``spacing`` mm:
+    each axis finer than ``working_spacing`` (mm) resampled to it, covering the same extent (the
+    last working sample at or beyond the last voxel centre); the image's own size when
+    ``working_spacing`` is 0 or no axis is finer."""
+    return tuple(
+        int(math.ceil((n - 1) * s / working_spacing - 1e-6)) + 1 if working_spacing > s and n > 1 else int(n)
+        for n, s in zip(size, spacing)
+    )
+
+
+def working_grid(image: sitk.Image, working_spacing: float) -> sitk.Image | None:
+    """The grid (an empty float32 image: same origin and direction) on which a registration with
+    ``working_spacing`` (mm) runs, or None when it is ``image``'s own grid (see :func:`working_size`)."""
+    size = working_size(image.GetSize(), image.GetSpacing(), working_spacing)
+    if size == tuple(image.GetSize()):
+        return None
+    grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    grid.SetSpacing(
+        [working_spacing if new != old else s for new, old, s in zip(size, image.GetSize(), image.GetSpacing())]
+    )
+    return grid
+
+
+def resample_smoothed(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``image`` (float32) on the coarser ``grid``: Gaussian-smoothed first (sigma = half the spacing
+    ratio minus one voxel per axis, so coarse samples do not alias fine detail), then linear."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    sigma_mm = [0.5 * math.sqrt(max(0.0, g * g - s * s)) for g, s in zip(grid.GetSpacing(), image.GetSpacing())]
+    if max(sigma_mm) > 0:
+        image = sitk.DiscreteGaussian(image, [v * v for v in sigma_mm], 32, 0.01, True)
+    return resample(image, grid)
 
 
 def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 200) -> sitk.AffineTransform:

@@ -33,15 +33,24 @@ from .errors import DeviceError, InputError
 from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_gain, similarity_options, similarity_value
 from .optimize import ProgressCallback, optimize_cnn, optimize_field
-from .settings import OUTPUT_FILES, Interpolation, Mode, OptimizationSettings, RegistrationSettings, as_schedule
+from .settings import (
+    OUTPUT_FILES,
+    Interpolation,
+    Mode,
+    Normalization,
+    OptimizationSettings,
+    RegistrationSettings,
+    as_schedule,
+)
 from .spatial import warp
 
 
 @dataclass
 class RegistrationResult:
-    """Outputs on the fixed grid: images are SimpleITK; ``u`` is ``(1, ndim, *S)`` voxels."""
+    """Outputs on the fixed grid: images are SimpleITK; ``u`` is ``(1, ndim, *S)`` voxels of the
+    grid the field was estimated on (the fixed grid, or the working grid of ``summary["working_grid"]``)."""
 
-    displacement: sitk.Image  # ITK displacement field, LPS mm, vector float64
+    displacement: sitk.Image  # ITK displacement field, LPS mm, vector float64 (float32 from a working grid)
     warped: sitk.Image
     jacobian: sitk.Image  # det J, float32
     summary: dict
@@ -58,25 +67,60 @@ BYTES_PER_VOXEL = {Mode.INSTANCE: 700, Mode.PHANTOM: 700, Mode.LEARNED: 300, Mod
 BASELINE_BYTES = 600 * 2**20
 
 
-def estimate_memory_bytes(fixed_size: Sequence[int], moving_size: Sequence[int], mode: Mode | str) -> int:
-    """Rough peak memory of a CPU run (bytes) from the image sizes alone."""
+#: memory per voxel of the fixed grid for the outputs when the field is estimated on a coarser
+#: working grid (the field in float64 and float32, warped image and labels, det J, the QC's copies)
+OUTPUT_BYTES_PER_VOXEL = 80
+
+
+def estimate_memory_bytes(
+    fixed_size: Sequence[int], moving_size: Sequence[int], mode: Mode | str, working_size: Sequence[int] | None = None
+) -> int:
+    """Rough peak memory of a CPU run (bytes) from the image sizes alone; ``working_size``: the
+    grid the field is estimated on when it is not the fixed grid (:func:`cnnreg.image.working_size`)."""
     fixed_voxels, moving_voxels = int(np.prod(fixed_size)), int(np.prod(moving_size))
-    return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode)] * fixed_voxels + 16 * moving_voxels
+    if working_size is None or tuple(working_size) == tuple(fixed_size):
+        return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode)] * fixed_voxels + 16 * moving_voxels
+    working_voxels = int(np.prod(working_size))
+    return (
+        BASELINE_BYTES
+        + BYTES_PER_VOXEL[Mode(mode)] * working_voxels
+        + OUTPUT_BYTES_PER_VOXEL * fixed_voxels
+        + 16 * moving_voxels
+    )
 
 
-def check_memory(fixed_size: Sequence[int], moving_size: Sequence[int], settings: RegistrationSettings) -> int:
+def check_memory(
+    fixed_size: Sequence[int],
+    moving_size: Sequence[int],
+    settings: RegistrationSettings,
+    fixed_spacing: Sequence[float] | None = None,
+) -> int:
     """DeviceError when a run on images of these sizes (from their headers,
-    :func:`cnnreg.image.size_from_header`, before any image is read) would need more memory than
-    the machine has available (CPU runs); returns the estimate in bytes."""
+    :func:`cnnreg.image.grid_from_header`, before any image is read) would need more memory than
+    the machine has available (CPU runs); the message names a working grid that would fit.
+    Returns the estimate in bytes."""
     from .device import available_memory_bytes
 
-    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode)
+    spacing = fixed_spacing if fixed_spacing is not None else (1.0,) * len(fixed_size)
+    working = im.working_size(fixed_size, spacing, settings.working_spacing)
+    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode, working)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
+        advice = "crop or resample the images"
+        for candidate in (1.5, 2.0, 3.0, 4.0, 6.0):  # the finest working spacing that fits, if any
+            if candidate > settings.working_spacing and fixed_spacing is not None:
+                size = im.working_size(fixed_size, spacing, candidate)
+                if estimate_memory_bytes(fixed_size, moving_size, settings.mode, size) < available:
+                    advice = (
+                        f"register on a coarser grid with --working-spacing {candidate:g} (a "
+                        f"{'x'.join(map(str, size))} working grid; the field is still returned on the fixed grid), "
+                        "or crop the images"
+                    )
+                    break
         raise DeviceError(
-            f"this run needs about {needed / 2**30:.1f} GiB of memory (a {'x'.join(map(str, fixed_size))} fixed grid, "
-            f"{'x'.join(map(str, moving_size))} moving, {settings.mode.value} mode) but only "
-            f"{available / 2**30:.1f} GiB are available; crop or resample the images"
+            f"this run needs about {needed / 2**30:.1f} GiB of memory (a {'x'.join(map(str, working))} working grid "
+            f"for a {'x'.join(map(str, fixed_size))} fixed image, {'x'.join(map(str, moving_size))} moving, "
+            f"{settings.mode.value} mode) but only {available / 2**30:.1f} GiB are available; {advice}"
             + (", or lower --max-cnn-voxels" if settings.mode is Mode.PHANTOM else "")
         )
     return needed
@@ -175,17 +219,30 @@ def register(
         if not np.any(sitk.GetArrayViewFromImage(fixed_mask)):
             raise InputError("fixed mask is empty (no voxel is inside it)")
 
+    if settings.normalization is Normalization.CT:
+        im.check_hounsfield(fixed, "fixed image")
+        im.check_hounsfield(moving, "moving image")
+
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
     start = time.perf_counter()
 
-    pre_transform = im.affine_prealign(fixed, moving) if settings.affine else None
-    moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, pre_transform)
-    fixed_array = im.normalize(im.to_array(fixed), settings.normalization)
+    # the grid the field is estimated on: the fixed grid, or a coarser one over the same extent
+    grid = im.working_grid(fixed, settings.working_spacing)
+    fixed_work = im.resample_smoothed(fixed, grid) if grid is not None else fixed
+    background = im.background_value(moving, settings.normalization)
+    pre_transform = None
+    if settings.affine:
+        pre_transform = im.affine_prealign(
+            im.normalized_image(fixed_work, settings.normalization), im.normalized_image(moving, settings.normalization)
+        )
+    moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed_work, pre_transform, default_value=background)
+    fixed_array = im.normalize(im.to_array(fixed_work), settings.normalization)
     moving_array = im.normalize(im.to_array(moving_on_fixed), settings.normalization)
     if float(moving_array.max()) == float(moving_array.min()):
         raise InputError(
             "moving image does not overlap the fixed image: it is constant once resampled onto the fixed grid"
+            + ("" if settings.affine else " (if the two are not aligned, add --affine)")
         )
 
     fixed_t = _to_tensor(fixed_array, device)
@@ -214,17 +271,28 @@ def register(
     # precision) -- the field conversion and det J run in float64 slab by slab
     del fixed_t, moving_t, mask_t, fixed_array, moving_array
     u = u.detach().to("cpu")
-    field_image = im.displacement_image(u[0].numpy(), fixed, pre_transform)
-    warped = im.apply_displacement(moving, field_image, reference=fixed, interpolation=opt.interpolation)
+    working_field = im.displacement_image(u[0].numpy(), fixed_work, pre_transform)
+    determinant = determinant_map(u)  # float64, as the summary statistics (of the working grid)
+    jacobian_image = im.array_to_image(determinant[0].numpy().astype(np.float32), fixed_work)
+    jacobian = determinant_summary(determinant)
+    del determinant
+    field_image = working_field
+    if grid is not None:
+        # on the fixed grid: the working field interpolated linearly (exactly what ITK's
+        # DisplacementFieldTransform of the working field evaluates there, so the images below are
+        # warped through the small working field), in float32, the precision of the written file
+        field_image = im.resample(sitk.Cast(working_field, sitk.sitkVectorFloat32), fixed)
+        jacobian_image = im.resample(jacobian_image, fixed)
+        moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, pre_transform, default_value=background)
+    warped = im.apply_displacement(
+        moving, working_field, reference=fixed, interpolation=opt.interpolation, default_value=background
+    )
     warped_labels = None
     if moving_labels is not None:
         warped_labels = im.apply_displacement(
-            moving_labels, field_image, reference=fixed, interpolation=Interpolation.NEAREST
+            moving_labels, working_field, reference=fixed, interpolation=Interpolation.NEAREST
         )
-    determinant = determinant_map(u)  # float64, as the summary statistics
-    jacobian_image = im.array_to_image(determinant[0].numpy().astype(np.float32), fixed)
-    jacobian = determinant_summary(determinant)
-    del determinant
+    del working_field
     if jacobian["folding_fraction"] > MAX_FOLDING_FRACTION:
         raise FloatingPointError(
             f"the estimated field folds {jacobian['folding_percent']:.1f} % of the voxels (det J <= 0): "
@@ -233,6 +301,12 @@ def register(
 
     iterations_ran = list(ran.values())
     warnings = []
+    if settings.normalization is not Normalization.CT and im.looks_like_hounsfield(fixed):
+        warnings.append(
+            "the fixed image looks like a CT in Hounsfield units but was normalised with "
+            f"'{settings.normalization.value}': --normalization ct (or --preset phantom-to-ct) windows HU and "
+            "treats padding as air"
+        )
     if similarity_gain(opt.similarity, before, after) <= 0:
         warnings.append(
             f"the {opt.similarity.value} similarity did not improve ({before:.4f} -> {after:.4f}) with "
@@ -252,6 +326,7 @@ def register(
         "seed": settings.seed,
         "affine": settings.affine,
         "normalization": settings.normalization.value,
+        "working_grid": {"size": list(fixed_work.GetSize()), "spacing": list(fixed_work.GetSpacing())},
         "interpolation": opt.interpolation.value,
         "seconds": round(elapsed, 3),
         "similarity_before": before,
@@ -292,7 +367,9 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
     out_dir = os.path.abspath(os.fspath(out_dir))
     names = {}
     summary = dict(result.summary)
-    displacement = sitk.Cast(result.displacement, sitk.sitkVectorFloat32)
+    displacement = result.displacement
+    if displacement.GetPixelID() != sitk.sitkVectorFloat32:  # a copy: only when needed (a CT's field is ~0.4 GB)
+        displacement = sitk.Cast(displacement, sitk.sitkVectorFloat32)
     with outputs.staged_folder(out_dir) as stage:
         for key, image in (
             ("warped", result.warped),

@@ -129,7 +129,13 @@ class Normalization(Choice):
 
     MAX = "max"  # divide by the maximum (FAIM, Chen et al.)
     PERCENTILE = "percentile"  # robust: clip to [p0.5, p99.5] and scale to [0, 1]
+    CT = "ct"  # Hounsfield units: clip to CT_WINDOW_HU and scale to [0, 1] (air and padding -> 0)
     NONE = "none"
+
+
+#: the HU window of ``--normalization ct``: air (and padding such as -2048 or -3024) at 0, the
+#: lungs' parenchyma, fat and soft tissue apart, bone and contrast saturated at 1
+CT_WINDOW_HU = (-1000.0, 400.0)
 
 
 class Optimizer(Choice):
@@ -166,6 +172,10 @@ LABELS: dict[Choice, str] = {
     Interpolation.LINEAR: "Linear (fast)",
     Interpolation.CUBIC: "Cubic B-spline (sub-voxel accurate, slower)",
     Interpolation.NEAREST: "Nearest neighbour (label maps)",
+    Normalization.MAX: "Divide by the maximum (MRI)",
+    Normalization.PERCENTILE: "Robust range (0.5-99.5 percentiles)",
+    Normalization.CT: f"CT window ({CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU)",
+    Normalization.NONE: "None",
     Device.AUTO: "Automatic (GPU if available)",
     Device.CPU: "CPU",
     Device.CUDA: "CUDA GPU",
@@ -477,8 +487,18 @@ class RegistrationSettings:
     seed: int | None = _option(
         0, "random seed, 0 to 2^32 - 1 (runs are repeatable at the same thread count)", Number(int, 0, MAX_SEED)
     )
-    normalization: Normalization = _option(Normalization.MAX, "intensity normalisation of both images")
-    affine: bool = _option(False, "affine pre-alignment with SimpleITK first")
+    normalization: Normalization = _option(
+        Normalization.MAX,
+        "intensity normalisation of both images: max (MRI), percentile, ct (both images in Hounsfield units: "
+        f"window {CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU), none",
+    )
+    affine: bool = _option(False, "affine pre-alignment with SimpleITK first (needed when the images are not aligned)")
+    working_spacing: float = _option(
+        0.0,
+        "register on an isotropic grid of this spacing (mm) over the fixed image's extent, with the field returned "
+        "on the fixed grid; axes already coarser keep their spacing; 0 = the fixed image's own grid",
+        Number(float, 0),
+    )
     model: str | None = _option(None, "learned modes: weights file (default: the shipped weights)")
     refine_iterations: int | Sequence[int] = _option(
         50,
@@ -515,6 +535,70 @@ class RegistrationSettings:
         return iterations
 
 
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named setting for one use, the same on the command line (``--preset NAME``), in the
+    Python API (:meth:`settings`) and in the Slicer module (``label``).
+
+    ``options``: :class:`RegistrationSettings` fields, with ``"optimization"`` a dict of
+    :class:`OptimizationSettings` fields; everything else keeps its default."""
+
+    name: str
+    label: str
+    use: str
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def settings(self) -> RegistrationSettings:
+        """The preset's :class:`RegistrationSettings`."""
+        options = dict(self.options)
+        optimization = OptimizationSettings(**options.pop("optimization", {}))
+        return RegistrationSettings(**options, optimization=optimization)
+
+
+#: the presets; why each holds these values (benchmark numbers) is in docs/presets.md
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "brain-mri",
+            "Brain MRI",
+            "T1 brain MRI pairs, affinely pre-aligned: the backend's defaults (instance mode, local NCC)",
+        ),
+        Preset(
+            "brain-mri-quick",
+            "Brain MRI, quick (learned)",
+            "skull-stripped T1 near MNI152 in seconds: the shipped network, polished by 4 dense-field iterations",
+            {"mode": Mode.LEARNED_REFINE, "refine_iterations": 4, "optimization": {"weight": 0.5, "window": 3}},
+        ),
+        Preset(
+            "phantom-to-ct",
+            "Phantom to CT",
+            "a computational phantom in HU (XCAT family) onto a patient CT of any size and field of view: "
+            "CT window, affine pre-alignment, a 3 mm working grid, the field on the CT's own grid",
+            {"normalization": Normalization.CT, "affine": True, "working_spacing": 3.0},
+        ),
+        Preset(
+            "phantom-to-ct-cnn",
+            "Phantom to CT (phantom CNN)",
+            "as Phantom to CT with the per-pair CNN of Chen et al. 2020 (phantom mode) instead of the dense field",
+            {
+                "mode": Mode.PHANTOM,
+                "normalization": Normalization.CT,
+                "affine": True,
+                "working_spacing": 3.0,
+            },
+        ),
+    )
+}
+
+
+def preset_settings(name: str) -> RegistrationSettings:
+    """The :class:`RegistrationSettings` of the preset ``name`` (InputError naming the known ones)."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name].settings()
+
+
 def _check_fields(settings) -> None:
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
@@ -548,30 +632,65 @@ def _flag(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
+#: the attribute of a parsed namespace that lists the method options given on the command line
+GIVEN_OPTIONS = "given_options"
+
+
+def _recording(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_class`` that also records its destination in :data:`GIVEN_OPTIONS` (an option
+    given on the command line wins over the preset's value, even when it equals the default)."""
+
+    class Recording(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            given = set(getattr(namespace, GIVEN_OPTIONS, None) or ())
+            setattr(namespace, GIVEN_OPTIONS, given | {self.dest})
+
+    return Recording
+
+
+_STORE, _BOOLEAN = _recording(argparse._StoreAction), _recording(argparse.BooleanOptionalAction)
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """The registration method's options, one per setting of :class:`RegistrationSettings` and
     :class:`OptimizationSettings` with the same defaults and bounds (read back with
-    :func:`settings_from_args`); shared by every command that registers images."""
+    :func:`settings_from_args`), and ``--preset``; shared by every command that registers images."""
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="start from a named setting (the Slicer module's presets); options given as well override it: "
+        + "; ".join(f"{p.name}: {p.use}" for p in PRESETS.values()),
+    )
+    parser.set_defaults(**{GIVEN_OPTIONS: set()})
     for _, f in _command_line_fields():
         help, default = f.metadata["help"], f.default
         if f.metadata.get("choice") is not None:
             allowed = f.metadata.get("values") or list(f.metadata["choice"])
             value = default.value if default is not None else None
-            parser.add_argument(_flag(f), default=value, choices=[a.value for a in allowed], help=help)
+            parser.add_argument(_flag(f), action=_STORE, default=value, choices=[a.value for a in allowed], help=help)
         elif isinstance(default, bool):
-            parser.add_argument(_flag(f), action="store_true", help=help)
+            parser.add_argument(_flag(f), action=_BOOLEAN, default=default, help=help)
         else:
-            parser.add_argument(_flag(f), type=f.metadata.get("value"), default=default, help=help)
+            parser.add_argument(_flag(f), action=_STORE, type=f.metadata.get("value"), default=default, help=help)
     parser.add_argument(
         "--threads", type=Number(int, 1, 1024), default=None, help="CPU threads for torch (default: torch's choice)"
     )
 
 
 def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
-    """:class:`RegistrationSettings` from the options of :func:`add_method_arguments`."""
-    values: dict[type, dict] = {RegistrationSettings: {}, OptimizationSettings: {}}
+    """:class:`RegistrationSettings` from the options of :func:`add_method_arguments`: the
+    preset's (``--preset``) or the defaults, with every option given on the command line on top."""
+    base = preset_settings(args.preset) if getattr(args, "preset", None) else RegistrationSettings()
+    given = getattr(args, GIVEN_OPTIONS, None)
+    values: dict[type, dict] = {
+        RegistrationSettings: {f.name: getattr(base, f.name) for f in dataclasses.fields(RegistrationSettings)},
+        OptimizationSettings: dataclasses.asdict(base.optimization),
+    }
+    del values[RegistrationSettings]["optimization"]
     for owner, f in _command_line_fields():
-        values[owner][f.name] = getattr(args, f.name)
+        if given is None or f.name in given:  # a namespace built by hand (no record) gives every option
+            values[owner][f.name] = getattr(args, f.name)
     return RegistrationSettings(
         **values[RegistrationSettings], optimization=OptimizationSettings(**values[OptimizationSettings])
     )
@@ -588,7 +707,7 @@ def command_line_arguments(settings: RegistrationSettings) -> list[str]:
         if value == f.default and f.name != "mode":
             continue
         if isinstance(f.default, bool):
-            arguments.append(_flag(f))
+            arguments.append(_flag(f) if value else "--no-" + _flag(f)[2:])
         elif isinstance(value, (list, tuple)):
             arguments += [_flag(f), ",".join(str(int(v)) for v in value)]
         elif isinstance(value, float):

@@ -78,7 +78,8 @@ def test_parameter_bindings_match_the_parameter_node():
             assert cls == "QComboBox", (parameter, cls)
         else:
             assert (
-                annotation in ("Mode", "Similarity", "Regularizer", "Interpolation", "Device") and cls == "QComboBox"
+                annotation in ("Mode", "Similarity", "Regularizer", "Interpolation", "Normalization", "Device")
+                    and cls == "QComboBox"
             ), (
                 parameter,
                 cls,
@@ -238,14 +239,27 @@ def test_settings_command_line_and_presets():
         assert all(n > 0 for n in (requested if isinstance(requested, list) else [requested])), name
     # the brain preset is the default command, whose numbers the benchmark reports
     assert settings.presetSettings("Brain MRI").commandLineArguments() == ["--mode", "instance"]
-    # the phantom preset is the benchmark's phantom-long configuration
-    phantom = settings.presetSettings("Phantom to CT").commandLineArguments()
-    assert phantom == ["--mode", "phantom", "--cnn-full-resolution-iterations", "120"]
+    # one definition: each panel preset is the backend's preset of that label, which is also
+    # `python -m cnnreg register --preset NAME`
+    from cnnreg import settings as backend
+    from cnnreg.cli import build_parser
+
+    assert list(settings.PRESETS) == [preset.label for preset in backend.PRESETS.values()]
+    parser = build_parser()[0]
+    inputs = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]
+    for preset in backend.PRESETS.values():
+        panel = settings.presetSettings(preset.label)
+        from_command_line = backend.settings_from_args(parser.parse_args([*inputs, "--preset", preset.name]))
+        assert panel.backendSettings() == preset.settings() == from_command_line, preset.name
+        # and the command the panel runs gives the same settings back
+        again = backend.settings_from_args(parser.parse_args([*inputs, *panel.commandLineArguments()]))
+        assert again == preset.settings(), preset.name
+    ct = settings.presetSettings("Phantom to CT").commandLineArguments()
+    assert dict(zip(ct[::2], ct[1::2]))["--normalization"] == "ct" and "--affine" in ct
     # every preset fills the same settings, so choosing one resets what another set
     filled = {name: set(values) for name, values in settings.PRESETS.items()}
     assert all(keys == filled["Brain MRI"] for keys in filled.values()) and "window" in filled["Brain MRI"]
-    with pytest.raises(KeyError, match="not preset settings"):
-        settings._preset(settings.Mode.INSTANCE, windw=3)
+    assert {"normalization", "affine", "workingSpacing"} <= filled["Brain MRI"]
     # the quick learned preset is the benchmark's learned-refine configuration
     quick = settings.presetSettings("Brain MRI, quick (learned)").commandLineArguments()
     assert dict(zip(quick[::2], quick[1::2])) == {

@@ -118,10 +118,10 @@ def test_parameter_node_declaration(module):
 def test_logic_settings_presets_and_summary_text(module):
     logic = module.CNNRegistrationLogic()
     parameterNode = logic.getParameterNode()
-    logic.applyPreset(parameterNode, "Phantom to CT")
+    logic.applyPreset(parameterNode, "Phantom to CT (phantom CNN)")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.mode.value == "phantom" and settings.similarity.value == "lncc" and settings.weight == 1.0
-    assert settings.backendSettings().optimization.cnn_full_resolution_iterations == 120
+    assert (settings.normalization.value, settings.affine) == ("ct", True) and settings.workingSpacing > 0
     assert settings.interpolation is None  # the mode's default (cubic for phantom)
     assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
     assert "--interpolation" not in settings.commandLineArguments()
@@ -131,7 +131,8 @@ def test_logic_settings_presets_and_summary_text(module):
     logic.applyPreset(parameterNode, "Brain MRI")  # the benchmark's default command: no options
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments() == ["--mode", "instance"]
-    assert parameterNode.fullResolutionIterations == 0  # the preset resets what Phantom to CT set
+    # the preset resets what the phantom-to-CT preset set
+    assert (parameterNode.normalization.value, parameterNode.affine, parameterNode.workingSpacing) == ("max", False, 0.0)
     logic.applyPreset(parameterNode, "Brain MRI, quick (learned)")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert (settings.mode.value, settings.window, settings.weight, settings.iterations) == ("learned-refine", 3, 0.5, 4)
