@@ -898,9 +898,7 @@ def _case_xcat_ct(out_dir, rng):
         "label_names": XCAT_LABELS,
         "aligned": False,  # the pair needs an affine step (peers: scripts/peers.py)
     }
-    return write_case(
-        out_dir, fixed, fixed_labels, info, moving=moving, moving_labels=moving_labels, storage="native"
-    )
+    return write_case(out_dir, fixed, fixed_labels, info, moving=moving, moving_labels=moving_labels, storage="native")
 
 
 CASES: dict[str, Callable] = {

@@ -41,6 +41,7 @@ import SimpleITK as sitk
 
 from . import image as im
 from .errors import InputError
+from .outputs import add_overwrite_any_folder_argument
 from .progress import ProgressReporter, add_progress_argument, set_threads
 from .settings import Normalization, RegistrationSettings, add_method_arguments, settings_from_args
 
@@ -423,7 +424,7 @@ def output_paths(out_dir: str | os.PathLike) -> dict[str, str]:
     return {key: os.path.join(out_dir, name) for key, name in ATLAS_FILES.items()}
 
 
-def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, str]:
+def write_atlas(result: AtlasResult, out_dir: str | os.PathLike, claim=None) -> dict[str, str]:
     """Write the atlas into ``out_dir``; returns name -> path.
 
     Everything is written into a new folder beside ``out_dir``, each image read back and
@@ -435,7 +436,7 @@ def write_atlas(result: AtlasResult, out_dir: str | os.PathLike) -> dict[str, st
     paths = output_paths(out_dir)
     out_dir = os.path.dirname(paths["template"])
     write = write_verified_image
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, claim) as staging:
         stage = output_paths(staging)
         written = {"template": paths["template"]}
         write(result.template, stage["template"])
@@ -488,6 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace atlas outputs in an existing folder")
+    add_overwrite_any_folder_argument(parser)
     parser.add_argument(
         "--atlas-iterations",
         type=int,
@@ -527,7 +529,8 @@ def _bar_event(event: dict) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     from .dataset import expand_paths
     from .device import describe_device, resolve_device
-    from .registration import check_memory, check_output_folder
+    from .outputs import check_output_folder, claimed_folder
+    from .registration import check_memory
 
     image_paths = expand_paths(args.images)
     label_paths = expand_paths(args.labels) if args.labels else None
@@ -542,7 +545,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--atlas-iterations must be >= 1, got {args.atlas_iterations}")
     inputs = [*image_paths, *(label_paths or []), args.reference, args.initial]
     # the outputs replace the whole folder: an input inside it is refused
-    out_dir = check_output_folder(args.out, args.overwrite, [p for p in inputs if p])
+    out_dir = check_output_folder(
+        args.out, args.overwrite, [p for p in inputs if p], ATLAS_FILES.values(), args.overwrite_any_folder
+    )
     outputs = output_paths(out_dir)
     for path in filter(None, inputs):
         path = os.path.abspath(path)
@@ -597,7 +602,8 @@ def run(args: argparse.Namespace) -> int:
             initial=initial,
             keep_fields=args.keep_fields,
         )
-        paths = write_atlas(result, out_dir)
+        with claimed_folder(out_dir) as claim:
+            paths = write_atlas(result, out_dir, claim)
     except BaseException:
         if bar is not None:
             bar({"event": "error"})  # ends the bar's line before the error message

@@ -22,6 +22,7 @@ import signal
 import sys
 
 from .errors import CancelledError, CnnregError, DeviceError, InputError
+from .outputs import add_overwrite_any_folder_argument
 from .progress import ProgressReporter, add_progress_argument, set_threads
 from .settings import (
     EXIT_CANCELLED,
@@ -62,21 +63,35 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moving-labels", help="label map on the moving grid, warped with nearest neighbour")
     parser.add_argument("--fixed-mask", help="mask on the fixed grid restricting the similarity")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs in an existing non-empty folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing result folder (the whole folder, when it is one)"
+    )
+    add_overwrite_any_folder_argument(parser)
     add_method_arguments(parser)
     parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
     add_progress_argument(parser)
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    from . import image as im
-    from .registration import check_memory, check_output_folder, register, write_result
+    from .outputs import claimed_folder
+    from .registration import check_output_folder
 
     report = ProgressReporter(args.progress)
     set_threads(args.threads)
     out_dir = check_output_folder(
-        args.out, args.overwrite, [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p]
+        args.out,
+        args.overwrite,
+        [p for p in (args.fixed, args.moving, args.moving_labels, args.fixed_mask) if p],
+        args.overwrite_any_folder,
     )
+    with claimed_folder(out_dir) as claim:  # a second run on the same folder is refused from here on
+        return _register_into(args, out_dir, claim, report)
+
+
+def _register_into(args: argparse.Namespace, out_dir: str, claim, report: ProgressReporter) -> int:
+    from . import image as im
+    from .registration import check_memory, register, write_result
+
     settings = settings_from_args(args)
     # from the headers, before anything large is read
     fixed_size, fixed_spacing = im.grid_from_header(args.fixed, "fixed image")
@@ -105,7 +120,7 @@ def _run_register(args: argparse.Namespace) -> int:
         }
     )
     result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
-    paths = write_result(result, out_dir, qc=not args.no_qc)
+    paths = write_result(result, out_dir, qc=not args.no_qc, claim=claim)
     report({"event": "done", "summary": result.summary, "files": paths})
     if not report.jsonl:  # JSON lines carry the warnings in the "done" event's summary
         s = result.summary

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InputError
-from .outputs import check_output_folder
+from .outputs import add_overwrite_any_folder_argument, check_output_folder
 
 OUTPUT_FILES = {"csv": "evaluation.csv", "json": "evaluation.json", "boxplot": "dice_boxplot.png"}
 NO_FILE = "-"  # placeholder for "no displacement field for this method/subject"
@@ -124,6 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-surface-distance", action="store_true", help="skip HD95/ASSD (the slowest metrics)")
     parser.add_argument("--out", metavar="DIR", help="output folder for evaluation.csv/.json and dice_boxplot.png")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder")
+    add_overwrite_any_folder_argument(parser)
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,9 +331,9 @@ def read_label_names(path: str | os.PathLike) -> dict[int, str]:
     return {label: (name if counts[name] == 1 else f"{name}_{label}") for label, name in names.items()}
 
 
-def _check_output(out: str | None, overwrite: bool, inputs: Sequence[str]) -> str | None:
+def _check_output(out: str | None, overwrite: bool, inputs: Sequence[str], any_folder: bool = False) -> str | None:
     """Absolute output folder after checking it may receive the outputs (nothing is written)."""
-    return None if out is None else check_output_folder(out, overwrite, inputs, OUTPUT_FILES.values())
+    return None if out is None else check_output_folder(out, overwrite, inputs, OUTPUT_FILES.values(), any_folder)
 
 
 def _check_files_exist(entries: Sequence[tuple[str, str | None]]) -> None:
@@ -662,7 +663,7 @@ def run(args: argparse.Namespace) -> int:
         *[p for p in true_paths + mask_paths if p],
         *([args.label_names] if args.label_names else []),
     ]
-    out_dir = _check_output(args.out, args.overwrite, inputs)
+    out_dir = _check_output(args.out, args.overwrite, inputs, args.overwrite_any_folder)
     _check_files_exist(
         [("fixed labels", p) for p in args.fixed_labels]
         + [

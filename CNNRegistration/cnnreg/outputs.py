@@ -12,6 +12,8 @@ outputs (``apply``) go through a temporary file and ``os.replace`` the same way
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import os
 import shutil
 import tempfile
@@ -41,19 +43,56 @@ def check_writable_parent(path: str) -> None:
         raise InputError(f"cannot write into {parent}: {error.strerror or error}") from None
 
 
+def add_overwrite_any_folder_argument(parser) -> None:
+    """``--overwrite-any-folder``: what :func:`check_output_folder` needs to replace a folder that
+    is not a result folder of the command (an argparse parser of a command with ``--out``)."""
+    parser.add_argument(
+        "--overwrite-any-folder",
+        action="store_true",
+        help="with --overwrite: replace the output folder even when it holds files that are not this command's "
+        "results (they are deleted)",
+    )
+
+
+#: the file a running command keeps in its output folder (:func:`claimed_folder`)
+LOCK_NAME = ".cnnreg-running"
+
+
 def check_output_folder(
-    out_dir: str | os.PathLike, overwrite: bool, inputs: Sequence[str] = (), output_names: Iterable[str] = ()
+    out_dir: str | os.PathLike,
+    overwrite: bool,
+    inputs: Sequence[str] = (),
+    output_names: Iterable[str] = (),
+    overwrite_any_folder: bool = False,
 ) -> str:
     """Absolute path of ``out_dir`` after checking it can receive the outputs (nothing is written).
 
-    Raises InputError when ``out_dir`` is a file, when it holds files and ``overwrite`` is
-    False, when its folder is not writable, or when an input lies inside it (``--overwrite``
+    Raises InputError when ``out_dir`` is empty text (an unset variable in a script), the
+    current folder or one that holds it, a file, a folder another run is writing into, a
+    non-empty folder without ``overwrite``, a folder with entries other than ``output_names``
+    (not a result folder of this command: ``--overwrite`` would delete them) unless
+    ``overwrite_any_folder``, not writable, or when an input lies inside it (``--overwrite``
     replaces the whole folder) or is one of ``output_names``.
     """
+    if not os.fspath(out_dir).strip():
+        raise InputError("the output folder (--out) is empty text; name a folder (is a variable in the script unset?)")
     out_dir = os.path.abspath(os.fspath(out_dir))
+    if _inside(os.getcwd(), out_dir):
+        raise InputError(
+            f"the output folder {out_dir} is the current folder or holds it; the results replace the whole output "
+            "folder, so name a new folder for them (e.g. --out results)"
+        )
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"output path {out_dir} exists and is a file, not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if LOCK_NAME in entries:
+        owner = _live_owner(os.path.join(out_dir, LOCK_NAME))
+        if owner:
+            raise InputError(
+                f"another cnnreg run ({owner}) is writing into {out_dir}; wait for it or choose another folder"
+            )
+        entries.remove(LOCK_NAME)  # left by a run that was killed: ignored, and replaced when claimed
+    if entries and not overwrite:
         raise InputError(
             f"output folder {out_dir} already exists and is not empty; choose another folder or pass --overwrite"
         )
@@ -68,12 +107,99 @@ def check_output_folder(
                 f"input {path} lies inside the output folder {out_dir}, which the run replaces; "
                 "choose another output folder"
             )
+    names = set(output_names)
+    foreign = [entry for entry in entries if entry not in names]
+    if foreign and not overwrite_any_folder:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(
+            f"output folder {out_dir} holds {shown}, which are not results of this command; --overwrite replaces the "
+            "whole folder and would delete them: choose another folder, or pass --overwrite-any-folder as well to "
+            "replace it anyway"
+        )
     check_writable_parent(out_dir)
     return out_dir
 
 
+def _live_owner(lock: str) -> str | None:
+    """Who holds the lock file ``lock`` ("process N, started ..."), or None when its process has
+    ended (a killed run) or it cannot be read."""
+    try:
+        with open(lock, encoding="utf-8") as handle:
+            pid_text, _, started = handle.read().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's live process
+        pass
+    return f"process {pid}, started {started.strip() or 'at an unknown time'}"
+
+
+@dataclasses.dataclass
+class Claim:
+    """An output folder taken by this run: its lock file and the entries it held when taken."""
+
+    folder: str
+    lock: str
+    entries: frozenset
+
+
 @contextlib.contextmanager
-def staged_folder(out_dir: str | os.PathLike) -> Iterator[str]:
+def claimed_folder(out_dir: str | os.PathLike) -> Iterator[Claim]:
+    """Take ``out_dir`` for this run, atomically: the folder is created if missing and a lock
+    file (:data:`LOCK_NAME`, with this process's id) is created in it with ``O_EXCL``, so a
+    second run on the same folder is refused (exit 2, naming this one) instead of replacing the
+    results of the first.  Give the claim to :func:`staged_folder`, which checks before its swap
+    that nothing else appeared in the folder.  On leaving, the lock is removed, and a folder
+    this run created is removed if it is still empty (a failed run leaves nothing)."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    created = False
+    try:
+        os.mkdir(out_dir)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from None
+    lock = os.path.join(out_dir, LOCK_NAME)
+    stamp = f"{os.getpid()} {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = _live_owner(lock)
+            if owner:
+                if created:
+                    os.rmdir(out_dir)
+                raise InputError(
+                    f"another cnnreg run ({owner}) is writing into {out_dir}; wait for it or choose another folder"
+                ) from None
+            with contextlib.suppress(OSError):  # a killed run's lock
+                os.remove(lock)
+    else:
+        raise InputError(f"cannot take the output folder {out_dir}: its lock file keeps reappearing")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(stamp)
+    claim = Claim(out_dir, lock, frozenset(set(os.listdir(out_dir)) - {LOCK_NAME}))
+    try:
+        yield claim
+    finally:
+        with contextlib.suppress(OSError):
+            with open(lock, encoding="utf-8") as handle:
+                ours = handle.read() == stamp
+            if ours:
+                os.remove(lock)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only when empty: a failed run leaves no folder behind
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, claim: Claim | None = None) -> Iterator[str]:
     """Yield a new empty folder beside ``out_dir``; when the block ends without an exception, it
     replaces ``out_dir`` (an existing folder is moved aside first and removed after the swap; it is
     restored if the swap fails).  On an exception (including KeyboardInterrupt) the new folder is
@@ -84,6 +210,16 @@ def staged_folder(out_dir: str | os.PathLike) -> Iterator[str]:
     stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
         yield stage
+        if claim is not None:
+            appeared = sorted(set(os.listdir(out_dir)) - claim.entries - {LOCK_NAME}) if os.path.isdir(out_dir) else []
+            if appeared:
+                kept = tempfile.mkdtemp(prefix=f"{name}.results-", dir=parent)
+                os.rmdir(kept)
+                os.rename(stage, kept)
+                raise InputError(
+                    f"{', '.join(appeared[:5])} appeared in the output folder {out_dir} during the run; it was not "
+                    f"replaced, and this run's results are in {kept}"
+                )
         old = None
         if os.path.lexists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)

@@ -236,7 +236,9 @@ def register(
         pre_transform = im.affine_prealign(
             im.normalized_image(fixed_work, settings.normalization), im.normalized_image(moving, settings.normalization)
         )
-    moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed_work, pre_transform, default_value=background)
+    moving_on_fixed = im.resample(
+        sitk.Cast(moving, sitk.sitkFloat32), fixed_work, pre_transform, default_value=background
+    )
     fixed_array = im.normalize(im.to_array(fixed_work), settings.normalization)
     moving_array = im.normalize(im.to_array(moving_on_fixed), settings.normalization)
     if float(moving_array.max()) == float(moving_array.min()):
@@ -283,7 +285,9 @@ def register(
         # warped through the small working field), in float32, the precision of the written file
         field_image = im.resample(sitk.Cast(working_field, sitk.sitkVectorFloat32), fixed)
         jacobian_image = im.resample(jacobian_image, fixed)
-        moving_on_fixed = im.resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, pre_transform, default_value=background)
+        moving_on_fixed = im.resample(
+            sitk.Cast(moving, sitk.sitkFloat32), fixed, pre_transform, default_value=background
+        )
     warped = im.apply_displacement(
         moving, working_field, reference=fixed, interpolation=opt.interpolation, default_value=background
     )
@@ -348,13 +352,17 @@ def register(
     )
 
 
-def check_output_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: Sequence[str] = ()) -> str:
+def check_output_folder(
+    out_dir: str | os.PathLike, overwrite: bool, inputs: Sequence[str] = (), overwrite_any_folder: bool = False
+) -> str:
     """Check ``out_dir`` can receive the registration results (before any work); returns its
     absolute path.  See :func:`cnnreg.outputs.check_output_folder`."""
-    return outputs.check_output_folder(out_dir, overwrite, inputs, OUTPUT_FILES.values())
+    return outputs.check_output_folder(out_dir, overwrite, inputs, OUTPUT_FILES.values(), overwrite_any_folder)
 
 
-def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: bool = True) -> dict[str, str]:
+def write_result(
+    result: RegistrationResult, out_dir: str | os.PathLike, qc: bool = True, claim: outputs.Claim | None = None
+) -> dict[str, str]:
     """Write the result files into ``out_dir``; returns name -> path.
 
     The files are written into a new folder beside ``out_dir``, each read back and compared
@@ -363,6 +371,8 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
     existing ``out_dir`` is untouched; on success ``out_dir`` holds exactly these files.  The
     QC picture is optional: if it cannot be drawn, the run still succeeds and the summary says
     why (``qc_error``).  Raises :class:`cnnreg.outputs.WriteError` when a file cannot be written.
+    ``claim``: the folder as taken by :func:`cnnreg.outputs.claimed_folder` at the start of the run
+    (the swap is then refused if anything else appeared in it meanwhile).
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     names = {}
@@ -370,7 +380,7 @@ def write_result(result: RegistrationResult, out_dir: str | os.PathLike, qc: boo
     displacement = result.displacement
     if displacement.GetPixelID() != sitk.sitkVectorFloat32:  # a copy: only when needed (a CT's field is ~0.4 GB)
         displacement = sitk.Cast(displacement, sitk.sitkVectorFloat32)
-    with outputs.staged_folder(out_dir) as stage:
+    with outputs.staged_folder(out_dir, claim) as stage:
         for key, image in (
             ("warped", result.warped),
             ("displacement", displacement),

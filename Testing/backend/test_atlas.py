@@ -232,7 +232,12 @@ def test_atlas_command_refuses_a_non_empty_folder_before_any_work(files, tmp_pat
     assert "not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
+    # --overwrite alone keeps a folder that is not an atlas folder (notes.txt would be deleted)
     code = main(_atlas(files, out, "--images", *files["images"][:2], "--overwrite", "--iterations", "0"))
+    assert code == EXIT_INPUT and "--overwrite-any-folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    arguments = ["--images", *files["images"][:2], "--overwrite", "--overwrite-any-folder", "--iterations", "0"]
+    code = main(_atlas(files, out, *arguments))
     assert code == 0, capsys.readouterr().err
     # --overwrite: the folder holds exactly the new atlas (as register's outputs)
     assert sorted(p.name for p in out.iterdir()) == ["atlas.json", "template.nii.gz"]

@@ -169,8 +169,8 @@ def test_second_run_without_overwrite_is_refused_and_leaves_files_untouched(cli_
 
 def test_overwrite_replaces_the_results(inputs, tmp_path, capsys):
     out = tmp_path / "again"
-    out.mkdir()
-    (out / "old.txt").write_text("from an earlier run")
+    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0  # an earlier run, with its QC
+    assert (out / "qc.png").exists()
     code = main(
         _register_args(inputs, out, "--overwrite", "--mode", "instance", "--no-qc", "--progress", "none", *FAST)
     )
@@ -799,3 +799,82 @@ def test_a_registration_that_lowers_the_similarity_warns(inputs, tmp_path, capsy
     assert summary["similarity_after"] < summary["similarity_before"]  # LNCC: higher is better
     assert len(summary["warnings"]) == 1 and "did not improve" in summary["warnings"][0]
     assert "warning: the lncc similarity did not improve" in captured.err
+
+
+# ------------------------------------------------------------------ nothing of the user's is lost
+
+
+def test_an_empty_out_is_refused_and_the_working_folder_kept(inputs, tmp_path, monkeypatch):
+    """`--out "$OUTDIR"` with the variable unset: the current folder must not be replaced."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("years of work")
+    for out in ("", ".", "  "):
+        assert main(_register_args(inputs, out, *FAST, "--overwrite")) == EXIT_INPUT
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_result_folder(inputs, tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "patient.nii.gz").write_bytes(b"the user's scan")
+    assert main(_register_args(inputs, out, *FAST, "--overwrite", "--progress", "none")) == EXIT_INPUT
+    message = capsys.readouterr().err
+    assert "patient.nii.gz" in message and "--overwrite-any-folder" in message
+    assert (out / "patient.nii.gz").read_bytes() == b"the user's scan"
+    # a result folder is replaced by --overwrite alone; any folder with the second flag
+    result = tmp_path / "result"
+    assert main(_register_args(inputs, result, *FAST, "--progress", "none")) == 0
+    assert main(_register_args(inputs, result, *FAST, "--overwrite", "--progress", "none")) == 0
+    assert main(_register_args(inputs, out, *FAST, "--overwrite", "--overwrite-any-folder", "--progress", "none")) == 0
+    assert not (out / "patient.nii.gz").exists() and (out / OUTPUT_FILES["summary"]).exists()
+
+
+def test_a_folder_another_run_is_writing_into_is_refused(inputs, tmp_path, capsys):
+    from cnnreg.outputs import LOCK_NAME
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(f"{os.getpid()} 2026-12-06T10:00:00+00:00")  # a live process holds it
+    for extra in ((), ("--overwrite",)):
+        assert main(_register_args(inputs, out, *FAST, *extra, "--progress", "none")) == EXIT_INPUT
+        assert f"another cnnreg run (process {os.getpid()}" in capsys.readouterr().err
+    # the lock of a process that has ended (a killed run) is ignored and replaced
+    (out / LOCK_NAME).write_text("999999999 2026-12-06T10:00:00+00:00")
+    assert main(_register_args(inputs, out, *FAST, "--progress", "none")) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(json.loads((out / "summary.json").read_text())["files"].values())
+
+
+def test_two_runs_at_once_on_one_folder_second_refused(inputs, tmp_path, subprocess_env):
+    """Two `cnnreg register` processes started together on the same new folder: one writes its
+    results, the other exits 2 naming the first (before, both exited 0 and the second won)."""
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, *FAST, "--progress", "none")]
+    first = subprocess.Popen(command, env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, EXIT_INPUT], results
+    refused = next(text for code, text in results if code == EXIT_INPUT)
+    assert "another cnnreg run (process" in refused or "not empty" in refused
+    assert (out / OUTPUT_FILES["summary"]).exists()
+
+
+def test_a_file_written_into_the_folder_during_the_run_is_kept(tmp_path):
+    from cnnreg.errors import InputError
+    from cnnreg.outputs import claimed_folder, staged_folder
+
+    out = tmp_path / "results"
+    with claimed_folder(out) as claim:
+        (out / "notes.txt").write_text("written while the run went on")
+        with pytest.raises(InputError, match=r"notes.txt appeared in the output folder .* results are in"):
+            with staged_folder(out, claim) as stage:
+                Path(stage, "summary.json").write_text("{}")
+    assert (out / "notes.txt").read_text() == "written while the run went on"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("results.results-")]
+    assert len(kept) == 1 and (kept[0] / "summary.json").exists()
+    # a claim that fails leaves no folder it created
+    with pytest.raises(RuntimeError):
+        with claimed_folder(tmp_path / "fresh"):
+            raise RuntimeError("the run failed")
+    assert not (tmp_path / "fresh").exists()

@@ -154,7 +154,9 @@ def test_translation_recovered_through_a_working_grid(synth):
     centres = [centre + rng.uniform(-10, 10, 3) for _ in range(6)]
     widths, amplitudes = rng.uniform(5.0, 7.0, 6), rng.uniform(0.5, 1.0, 6)
     shift = np.array([2.0, -1.5, 2.5])  # LPS mm: moving(x + shift) = fixed(x)
-    fixed = synth.make_image(synth.gaussian_blobs(points, centres, widths, amplitudes).astype(np.float32), spacing, origin, direction)
+    fixed = synth.make_image(
+        synth.gaussian_blobs(points, centres, widths, amplitudes).astype(np.float32), spacing, origin, direction
+    )
     moving = synth.make_image(
         synth.gaussian_blobs(points - shift, centres, widths, amplitudes).astype(np.float32), spacing, origin, direction
     )

@@ -334,7 +334,8 @@ def test_evaluate_overwrite_leaves_exactly_its_outputs_and_a_failure_leaves_the_
     out.mkdir()
     (out / "stale.csv").write_text("an earlier report")
     args = ["evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--out", str(out), "--overwrite"]
-    assert main(args) == 0
+    assert main(args) == 2 and "stale.csv" in capsys.readouterr().err  # not an evaluate folder: kept
+    assert main([*args, "--overwrite-any-folder"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["dice_boxplot.png", "evaluation.csv", "evaluation.json"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     import cnnreg.evaluate_cli as evaluate_cli

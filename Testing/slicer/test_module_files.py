@@ -79,7 +79,7 @@ def test_parameter_bindings_match_the_parameter_node():
         else:
             assert (
                 annotation in ("Mode", "Similarity", "Regularizer", "Interpolation", "Normalization", "Device")
-                    and cls == "QComboBox"
+                and cls == "QComboBox"
             ), (
                 parameter,
                 cls,

@@ -132,7 +132,11 @@ def test_logic_settings_presets_and_summary_text(module):
     settings = logic.settingsFromParameterNode(parameterNode)
     assert settings.commandLineArguments() == ["--mode", "instance"]
     # the preset resets what the phantom-to-CT preset set
-    assert (parameterNode.normalization.value, parameterNode.affine, parameterNode.workingSpacing) == ("max", False, 0.0)
+    assert (parameterNode.normalization.value, parameterNode.affine, parameterNode.workingSpacing) == (
+        "max",
+        False,
+        0.0,
+    )
     logic.applyPreset(parameterNode, "Brain MRI, quick (learned)")
     settings = logic.settingsFromParameterNode(parameterNode)
     assert (settings.mode.value, settings.window, settings.weight, settings.iterations) == ("learned-refine", 3, 0.5, 4)
