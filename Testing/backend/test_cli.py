@@ -842,7 +842,9 @@ def test_a_folder_another_run_is_writing_into_is_refused(inputs, tmp_path, capsy
     # the lock of a process that has ended (a killed run) is ignored and replaced
     (out / LOCK_NAME).write_text("999999999 2026-12-06T10:00:00+00:00")
     assert main(_register_args(inputs, out, *FAST, "--progress", "none")) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(json.loads((out / "summary.json").read_text())["files"].values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        json.loads((out / "summary.json").read_text())["files"].values()
+    )
 
 
 def test_two_runs_at_once_on_one_folder_second_refused(inputs, tmp_path, subprocess_env):
