@@ -97,6 +97,7 @@ class CNNRegistrationParameterNode:
     similarity: Similarity = _DEFAULT_SETTINGS.similarity
     regularizer: Regularizer = _DEFAULT_SETTINGS.regularizer
     weight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.weight
+    jacobianWeight: Annotated[float, WithinRange(*WEIGHT_RANGE)] = _DEFAULT_SETTINGS.jacobianWeight
     window: Annotated[int, WithinRange(1, 99)] = _DEFAULT_SETTINGS.window
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
     fullResolutionIterations: Annotated[int, WithinRange(0, 100000)] = _DEFAULT_SETTINGS.fullResolutionIterations
@@ -366,6 +367,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             similarity=parameterNode.similarity,
             regularizer=parameterNode.regularizer,
             weight=parameterNode.weight,
+            jacobianWeight=parameterNode.jacobianWeight,
             window=parameterNode.window,
             iterations=parameterNode.iterations,
             fullResolutionIterations=parameterNode.fullResolutionIterations,
@@ -489,7 +491,7 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         for preset in BACKEND_PRESETS.values():  # each panel preset runs exactly the command line's --preset
             logic.applyPreset(parameterNode, preset.label)
             self.assertEqual(logic.settingsFromParameterNode(parameterNode).backendSettings(), preset.settings())
-        logic.applyPreset(parameterNode, "Phantom to CT (phantom CNN)")
+        logic.applyPreset(parameterNode, "Phantom to CT")
         self.assertEqual(parameterNode.mode, Mode.PHANTOM)
         self.assertEqual(parameterNode.normalization, Normalization.CT)
         logic.applyPreset(parameterNode, "Brain MRI")

@@ -104,7 +104,7 @@ OUR_CONFIGS: dict[str, list[str]] = {
     # phantom to patient CT (the xcat_ct case): the presets of `cnnreg register --preset NAME`
     # and of the Slicer module (cnnreg.settings.PRESETS)
     "phantom-to-ct": ["--preset", "phantom-to-ct"],
-    "phantom-to-ct-cnn": ["--preset", "phantom-to-ct-cnn"],
+    "phantom-to-ct-fast": ["--preset", "phantom-to-ct-fast"],
 }
 #: appended to every configuration with --quick
 QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]

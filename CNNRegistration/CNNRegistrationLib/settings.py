@@ -50,6 +50,7 @@ class RegistrationSettings:
     """Options of one registration run as the panel sets them.
 
     ``weight`` is the regularization weight (dimensionless, within :data:`WEIGHT_RANGE`);
+    ``jacobianWeight`` the weight of the folding (negative-Jacobian) penalty;
     ``window`` the side of the local-NCC window, voxels (odd; used by the LNCC similarity).
     ``iterations`` is per pyramid level for ``phantom`` and ``instance`` (``--iterations``), the
     number of refinement iterations for ``learned-refine`` (``--refine-iterations``), unused for
@@ -69,6 +70,7 @@ class RegistrationSettings:
     similarity: Similarity = _DEFAULTS.optimization.similarity
     regularizer: Regularizer = _DEFAULTS.optimization.regularizer
     weight: float = _DEFAULTS.optimization.weight
+    jacobianWeight: float = _DEFAULTS.optimization.jacobian_weight
     window: int = _DEFAULTS.optimization.window
     iterations: int = 0
     fullResolutionIterations: int = _DEFAULTS.optimization.cnn_full_resolution_iterations
@@ -103,6 +105,7 @@ class RegistrationSettings:
             similarity=self.similarity,
             regularizer=self.regularizer,
             weight=float(self.weight),
+            jacobian_weight=float(self.jacobianWeight),
             window=int(self.window),
             interpolation=self.interpolation,
             iterations=iterations if self.mode in (Mode.INSTANCE, Mode.PHANTOM) else None,
@@ -142,6 +145,7 @@ def panelValues(settings: backend.RegistrationSettings) -> dict:
         similarity=optimization.similarity,
         regularizer=optimization.regularizer,
         weight=optimization.weight,
+        jacobianWeight=optimization.jacobian_weight,
         window=optimization.window,
         iterations=iterations,
         fullResolutionIterations=optimization.cnn_full_resolution_iterations,

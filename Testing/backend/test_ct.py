@@ -206,7 +206,7 @@ def test_affine_prealignment_survives_the_field_of_view_mismatch():
     assert np.linalg.norm(mapped - _centroid(phantom_labels, 2)) < 6.0
 
 
-@pytest.mark.parametrize("name", ["phantom-to-ct", "phantom-to-ct-cnn"])
+@pytest.mark.parametrize("name", ["phantom-to-ct", "phantom-to-ct-fast"])
 def test_phantom_to_ct_preset_maps_the_lungs(name):
     """The preset (on an 8 mm working grid and a short schedule, for the test's time) takes the
     lung Dice from 0 (not aligned) to >= 0.85 and the body's to >= 0.9, without folding."""
@@ -231,7 +231,7 @@ def test_presets_are_one_definition():
     for preset in PRESETS.values():
         assert preset.settings() is not preset.settings()  # a fresh object each time (no shared state)
         assert preset.name and preset.label and preset.use
-    for name in ("phantom-to-ct", "phantom-to-ct-cnn"):
+    for name in ("phantom-to-ct", "phantom-to-ct-fast"):
         settings = preset_settings(name)
         assert (settings.normalization, settings.affine) == (Normalization.CT, True)
         assert settings.working_spacing > 0

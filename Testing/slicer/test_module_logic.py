@@ -118,9 +118,10 @@ def test_parameter_node_declaration(module):
 def test_logic_settings_presets_and_summary_text(module):
     logic = module.CNNRegistrationLogic()
     parameterNode = logic.getParameterNode()
-    logic.applyPreset(parameterNode, "Phantom to CT (phantom CNN)")
+    logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
-    assert settings.mode.value == "phantom" and settings.similarity.value == "lncc" and settings.weight == 1.0
+    assert settings.mode.value == "phantom" and settings.similarity.value == "lncc" and settings.weight == 0.5
+    assert settings.jacobianWeight == 40.0
     assert (settings.normalization.value, settings.affine) == ("ct", True) and settings.workingSpacing > 0
     assert settings.interpolation is None  # the mode's default (cubic for phantom)
     assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
