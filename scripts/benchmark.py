@@ -440,6 +440,39 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the methods of the cost table: the default command, phantom mode, the phantom-to-CT presets, Greedy
+COST_METHODS = ("instance-lncc", "phantom-lncc", "phantom-to-ct", "phantom-to-ct-fast", "greedy")
+
+
+def cost_table(results: dict) -> str:
+    """Wall time and peak memory against the fixed grid's voxel count (cases in size order), for
+    :data:`COST_METHODS`; a ratio column divides each by Greedy's in the same case."""
+    lines = [
+        "| case | fixed voxels | method | wall s | peak MiB | wall / Greedy's | memory / Greedy's |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def voxels(block: dict) -> int:
+        return int(np.prod(block["info"].get("fixed_grid", {}).get("size", [0])))
+
+    for case, block in sorted(results["cases"].items(), key=lambda item: voxels(item[1])):
+        rows = {r["method"]: r for r in block["rows"] if r.get("status") == "ok" and r["method"] in COST_METHODS}
+        greedy = rows.get("greedy", {})
+        for method in COST_METHODS:
+            row = rows.get(method)
+            if row is None:
+                continue
+            ratios = [
+                _fmt(row[key] / greedy[key], 2) if greedy.get(key) and row.get(key) else "–"
+                for key in ("wall_s", "peak_rss_mib")
+            ]
+            lines.append(
+                f"| {case} | {voxels(block):,} | {method} | {_fmt(row.get('wall_s'), 1)} | "
+                f"{_fmt(row.get('peak_rss_mib'), 0)} | {ratios[0]} | {ratios[1]} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def update_readme(results: dict, readme: Path = ROOT / "README.md") -> bool:
     """Replace the README's generated summary (between the two markers) by :func:`summary_table`."""
     if not readme.exists():
@@ -479,7 +512,11 @@ def write_reports(results: dict, report: Path) -> None:
         for row in block["rows"]
     ]
     evaluate.evaluation_table(table_rows, csv_path=report / "results.csv")
-    (report / "results.md").write_text(markdown(stored))
+    cost = (
+        "\n## Cost against image size\n\nWall time and peak memory of the default command (`instance-lncc`), "
+        "phantom mode and the phantom-to-CT presets against Greedy's in the same case and run.\n\n"
+    )
+    (report / "results.md").write_text(markdown(stored) + cost + cost_table(stored))
     if report.resolve() == BENCHMARK.resolve() and update_readme(stored):
         print("updated the README's benchmark summary", flush=True)
     print(f"wrote {report / 'results.md'}, results.json, results.csv", flush=True)

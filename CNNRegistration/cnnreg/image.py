@@ -431,8 +431,66 @@ def apply_displacement(
         raise InputError(
             f"the reference grid is {reference.GetDimension()}D but the displacement field is {field.GetDimension()}D"
         )
+    if Interpolation(interpolation) is Interpolation.LABEL:
+        return warp_labels(image, field, reference)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return resample(image, reference if reference is not None else field, transform, interpolation, default_value)
+
+
+#: Gaussian sigma (voxels of the label map) of each label's indicator before it is warped by
+#: :func:`warp_labels`: smooth enough that a boundary moves by sub-voxel amounts, small enough
+#: that thin structures survive (Greedy's ``-ri LABEL 0.2vox``)
+LABEL_SMOOTHING_VOXELS = 0.2
+
+
+#: at most this fraction of neighbouring voxel pairs (along the first index axis, where either is
+#: non-zero) differ in a label map: measured 0.15 for the sample's GM/WM labels at 2 mm, 0.01 for
+#: the CT case's organs, against 0.96 for the sample's uint8 T1 and 0.76 for an int16 CT
+MAX_LABEL_CHANGES = 0.5
+
+
+def is_label_map(image: sitk.Image) -> bool:
+    """An integer image that is piecewise constant (few neighbouring voxels differ,
+    :data:`MAX_LABEL_CHANGES`): a label map or mask, not an integer-typed intensity image."""
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer) or array.shape[-1] < 2:
+        return False
+    right, left = array[..., 1:], array[..., :-1]
+    occupied = (right != 0) | (left != 0)
+    return bool(((right != left) & occupied).sum() <= MAX_LABEL_CHANGES * max(1, int(occupied.sum())))
+
+
+def warp_labels(
+    labels: sitk.Image,
+    field: sitk.Image,
+    reference: sitk.Image | None = None,
+    sigma_voxels: float = LABEL_SMOOTHING_VOXELS,
+) -> sitk.Image:
+    """Warp a label map through an ITK displacement field label-aware: each label's indicator
+    (background included) is Gaussian-smoothed by ``sigma_voxels`` voxels, resampled linearly
+    through the field onto ``reference`` (default: the field's grid), and every output voxel
+    takes the label whose warped indicator is largest.  Onto a finer grid (a phantom's labels
+    onto a CT) the boundaries are smooth iso-surfaces instead of the coarse grid's staircase;
+    on the same grid nearest neighbour keeps thin structures better (arg-max favours the thicker
+    neighbour).  The output keeps the label map's pixel type."""
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    grid = reference if reference is not None else field
+    array = sitk.GetArrayViewFromImage(labels)
+    variance = [(sigma_voxels * s) ** 2 for s in labels.GetSpacing()]
+    best_value = best_label = None
+    for value in np.unique(array):
+        indicator = sitk.Cast(labels == int(value), sitk.sitkFloat32)
+        if sigma_voxels > 0:
+            indicator = sitk.DiscreteGaussian(indicator, variance, 32, 0.01, True)
+        warped = sitk.GetArrayFromImage(resample(indicator, grid, transform, Interpolation.LINEAR))
+        if best_value is None:
+            best_value, best_label = warped, np.full(warped.shape, value, dtype=array.dtype)
+        else:
+            higher = warped > best_value
+            best_value[higher], best_label[higher] = warped[higher], value
+    out = sitk.GetImageFromArray(best_label)
+    out.CopyInformation(grid)
+    return out
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:

@@ -106,18 +106,19 @@ class Regularizer(Choice):
 class Interpolation(Choice):
     """How an image is sampled at warped positions.
 
-    Nearest neighbour is for label maps and masks only: it has no gradient, so the
-    similarity term of the iterative modes refuses it (:data:`SIMILARITY_INTERPOLATIONS`).
+    Nearest neighbour and label-aware are for label maps and masks only: they have no gradient,
+    so the similarity term of the iterative modes refuses them (:data:`SIMILARITY_INTERPOLATIONS`).
     """
 
     LINEAR = "linear"
     CUBIC = "cubic"  # cubic B-spline: no bias towards whole-voxel shifts, ~3x slower per warp
     NEAREST = "nearest"
+    LABEL = "label"  # label maps: each label's indicator smoothed slightly, warped linearly, arg-max
 
     @property
     def differentiable(self) -> bool:
         """Whether it may sample the moving image inside the similarity term."""
-        return self is not Interpolation.NEAREST
+        return self not in (Interpolation.NEAREST, Interpolation.LABEL)
 
 
 #: interpolations allowed in the similarity term (and for the warped intensity image)
@@ -172,6 +173,7 @@ LABELS: dict[Choice, str] = {
     Interpolation.LINEAR: "Linear (fast)",
     Interpolation.CUBIC: "Cubic B-spline (sub-voxel accurate, slower)",
     Interpolation.NEAREST: "Nearest neighbour (label maps)",
+    Interpolation.LABEL: "Label-aware (smoothed indicators, arg-max)",
     Normalization.MAX: "Divide by the maximum (MRI)",
     Normalization.PERCENTILE: "Robust range (0.5-99.5 percentiles)",
     Normalization.CT: f"CT window ({CT_WINDOW_HU[0]:g} to {CT_WINDOW_HU[1]:g} HU)",
@@ -555,7 +557,7 @@ class Preset:
         return RegistrationSettings(**options, optimization=optimization)
 
 
-#: the presets; why each holds these values (benchmark numbers) is in docs/presets.md
+#: the presets; the benchmark numbers behind them: README (Results) and docs/phantom-to-ct.md
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
