@@ -58,6 +58,9 @@ class RegistrationResult:
     u: torch.Tensor | None = None
     fixed: sitk.Image | None = None
     moving_on_fixed: sitk.Image | None = None
+    #: the inverse mapping (fixed -> moving points become moving -> fixed), an ITK displacement
+    #: field on the moving grid (LPS mm, pull: fixed-space images resampled onto the moving grid)
+    inverse_displacement: sitk.Image | None = None
 
 
 #: peak memory per voxel of the fixed grid, bytes, by mode, with a margin: measured on CPU at
@@ -171,6 +174,35 @@ def _estimate_field(
             fixed, moving, refine, initial=u, mask=mask, callback=callback, levels=len(schedule), stage="refine "
         )
     return u
+
+
+def _inverse(
+    u: torch.Tensor,
+    grid: sitk.Image,
+    pre_transform: sitk.Transform | None,
+    forward: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image | None,
+) -> dict:
+    """The inverse displacement field on the moving grid (:func:`cnnreg.image.inverse_displacement`)
+    and the residual of forward after inverse (mm) over the moving voxels that map inside the
+    grid the field was estimated on (2 voxels in), and inside the moving labels when given."""
+    deformation = forward if pre_transform is None else im.displacement_image(u[0].numpy(), grid, None)
+    field = im.inverse_displacement(deformation, pre_transform, moving)
+    if field.GetDimension() != moving.GetDimension() or field.GetSize() != moving.GetSize():
+        return {"field": field, "residual": None}
+    dim = grid.GetDimension()
+    points = im.physical_points(moving) + sitk.GetArrayViewFromImage(field)  # where each moving voxel maps to
+    matrix = np.asarray(grid.GetDirection()).reshape(dim, dim) @ np.diag(grid.GetSpacing())
+    index = (points - np.asarray(grid.GetOrigin())) @ np.linalg.inv(matrix).T  # (i, j[, k])
+    region = np.all((index >= 2) & (index <= np.asarray(grid.GetSize()) - 3), axis=-1)
+    del points, index
+    what = "moving voxels that map inside the fixed field of view"
+    if moving_labels is not None:
+        region &= sitk.GetArrayViewFromImage(moving_labels) > 0
+        what = "moving labels (> 0) that map inside the fixed field of view"
+    residual = im.inverse_residual_mm(forward, field, region)
+    return {"field": field, "residual": {**residual, "region": what, "voxels": int(region.sum())}}
 
 
 def _measure(opt: OptimizationSettings, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None) -> float:
@@ -297,6 +329,7 @@ def register(
         warped_labels = im.apply_displacement(
             moving_labels, working_field, reference=fixed, interpolation=Interpolation.NEAREST
         )
+    inverse = _inverse(u, fixed_work, pre_transform, working_field, moving, moving_labels)
     del working_field
     if jacobian["folding_fraction"] > MAX_FOLDING_FRACTION:
         raise FloatingPointError(
@@ -337,6 +370,7 @@ def register(
         "similarity_before": before,
         "similarity_after": after,
         "warnings": warnings,
+        "inverse_residual_mm": inverse["residual"],
         "fixed_size": list(fixed.GetSize()),
         "fixed_spacing": list(fixed.GetSpacing()),
         **jacobian,
@@ -350,7 +384,15 @@ def register(
         u=u.to(torch.float64),
         fixed=fixed,
         moving_on_fixed=moving_on_fixed,
+        inverse_displacement=inverse["field"],
     )
+
+
+def _float32(field: sitk.Image | None) -> sitk.Image | None:
+    """A displacement field as written (vector float32), or None."""
+    if field is None or field.GetPixelID() == sitk.sitkVectorFloat32:
+        return field
+    return sitk.Cast(field, sitk.sitkVectorFloat32)
 
 
 def check_output_folder(
@@ -378,15 +420,14 @@ def write_result(
     out_dir = os.path.abspath(os.fspath(out_dir))
     names = {}
     summary = dict(result.summary)
-    displacement = result.displacement
-    if displacement.GetPixelID() != sitk.sitkVectorFloat32:  # a copy: only when needed (a CT's field is ~0.4 GB)
-        displacement = sitk.Cast(displacement, sitk.sitkVectorFloat32)
+    displacement = _float32(result.displacement)  # a copy only when needed (a CT's field is ~0.4 GB)
     with outputs.staged_folder(out_dir, claim) as stage:
         for key, image in (
             ("warped", result.warped),
             ("displacement", displacement),
             ("jacobian", result.jacobian),
             ("warped_labels", result.warped_labels),
+            ("inverse_displacement", _float32(result.inverse_displacement)),
         ):
             if image is not None:
                 outputs.write_verified_image(image, os.path.join(stage, OUTPUT_FILES[key]))

@@ -249,6 +249,7 @@ OUTPUT_FILES = {
     "warped": "warped.nii.gz",
     "displacement": "displacement.nii.gz",
     "warped_labels": "warped_labels.nii.gz",
+    "inverse_displacement": "inverse_displacement.nii.gz",
     "jacobian": "jacobian.nii.gz",
     "summary": "summary.json",
     "qc": "qc.png",
