@@ -40,6 +40,7 @@ PLUGIN_COMMANDS = {
     "evaluate": "cnnreg.evaluate_cli",
     "atlas": "cnnreg.atlas",
     "train": "cnnreg.train_cli",
+    "simulation-inputs": "cnnreg.simulation",
 }
 
 

@@ -314,7 +314,7 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 200
     return sitk.AffineTransform(result)
 
 
-def _affine_matrix(transform: sitk.Transform | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def affine_matrix(transform: sitk.Transform | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """``(A, b)`` with ``T(p) = A p + b`` for a matrix-offset transform (identity when None)."""
     if transform is None:
         return np.eye(dim), np.zeros(dim)
@@ -369,7 +369,7 @@ def displacement_image(u: np.ndarray, fixed: sitk.Image, pre_transform: sitk.Tra
     shape = sitk.GetArrayViewFromImage(fixed).shape
     axes = working_axes(fixed)
     channels = [np.asarray(u[channel]).reshape(shape) for channel in range(len(axes))]
-    affine = _affine_matrix(pre_transform, dim) if pre_transform is not None else None
+    affine = affine_matrix(pre_transform, dim) if pre_transform is not None else None
     rounded = np.empty((*shape, dim), dtype=np.float32)
     step = max(1, SLAB_VOXELS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):

@@ -176,6 +176,19 @@ def _estimate_field(
     return u
 
 
+def _affine_record(pre_transform: sitk.Transform | None, dim: int) -> dict:
+    """The affine pre-alignment in the summary: fixed -> moving physical, ``p -> M p + t`` (LPS
+    mm), and det M (the factor by which it scales volumes; 1 without one)."""
+    if pre_transform is None:
+        return {"affine_matrix": None, "affine_offset_mm": None, "affine_determinant": 1.0}
+    matrix, offset = im.affine_matrix(pre_transform, dim)
+    return {
+        "affine_matrix": matrix.tolist(),
+        "affine_offset_mm": offset.tolist(),
+        "affine_determinant": float(np.linalg.det(matrix)),
+    }
+
+
 def _inverse(
     u: torch.Tensor,
     grid: sitk.Image,
@@ -363,6 +376,7 @@ def register(
         "device": describe_device(device),
         "seed": settings.seed,
         "affine": settings.affine,
+        **_affine_record(pre_transform, fixed.GetDimension()),
         "normalization": settings.normalization.value,
         "working_grid": {"size": list(fixed_work.GetSize()), "spacing": list(fixed_work.GetSpacing())},
         "interpolation": opt.interpolation.value,
