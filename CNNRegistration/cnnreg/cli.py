@@ -149,11 +149,20 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
         "images (default: nearest for a label map, i.e. a piecewise-constant image of integer type; linear "
         "otherwise)",
     )
+    parser.add_argument(
+        "--mass-preserving",
+        action="store_true",
+        help="multiply by det J of the field: for concentration images (activity per ml), so that the total "
+        "(concentration x volume) is kept where the field stretches or shrinks the image; not for intensities",
+    )
     parser.add_argument("--out", required=True, help="output image file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _run_apply(args: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
     from . import image as im
     from .outputs import check_writable_parent, staged_file, write_verified_image
 
@@ -181,7 +190,17 @@ def _run_apply(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
+    if args.mass_preserving and chosen in (Interpolation.NEAREST, Interpolation.LABEL):
+        raise InputError("--mass-preserving is for concentration images; a label map keeps its labels")
     warped = im.apply_displacement(image, field, reference, chosen)
+    if args.mass_preserving:
+        from .evaluate import field_jacobian_determinant
+
+        determinant = sitk.GetImageFromArray(field_jacobian_determinant(field).astype(np.float32))
+        determinant.CopyInformation(field)
+        if reference is not None and not im.same_grid(reference, field):
+            determinant = im.resample(determinant, reference)
+        warped = sitk.Cast(warped, sitk.sitkFloat32) * determinant
     if os.path.islink(out):  # replace the link itself, never what it points to
         os.remove(out)
     with staged_file(out) as stage:
