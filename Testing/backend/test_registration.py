@@ -674,6 +674,12 @@ def test_check_output_folder(tmp_path):
     with pytest.raises(InputError, match="not empty") as error:
         check_output_folder(full, overwrite=False)
     assert str(full) in str(error.value)
+    # --overwrite replaces a result folder; another folder only with overwrite_any_folder
+    with pytest.raises(InputError, match="x.txt, which are not results"):
+        check_output_folder(full, overwrite=True)
+    assert check_output_folder(full, overwrite=True, overwrite_any_folder=True) == str(full)
+    (full / "x.txt").unlink()
+    (full / "summary.json").write_text("{}")
     assert check_output_folder(full, overwrite=True) == str(full)
     a_file = tmp_path / "file"
     a_file.write_text("")
