@@ -70,6 +70,12 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_any_folder_argument(parser)
     add_method_arguments(parser)
     parser.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    parser.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="write the results of a failed registration (more than 1 %% of the voxels folded, or the similarity "
+        "worse than before) instead of nothing; the exit code is still 4",
+    )
     add_progress_argument(parser)
 
 
@@ -120,8 +126,12 @@ def _register_into(args: argparse.Namespace, out_dir: str, claim, report: Progre
             "out": out_dir,
         }
     )
-    result = register(fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report)
+    result = register(
+        fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report, keep_failed=args.keep_failed
+    )
     paths = write_result(result, out_dir, qc=not args.no_qc, claim=claim)
+    if result.summary.get("failed"):  # --keep-failed: the results are written, the run still failed
+        raise FloatingPointError(f"the registration failed: {result.summary['failed']}; results kept in {out_dir}")
     report({"event": "done", "summary": result.summary, "files": paths})
     if not report.jsonl:  # JSON lines carry the warnings in the "done" event's summary
         s = result.summary
