@@ -81,3 +81,11 @@ def out_of_memory_as_device_error(device: torch.device, what: str):
                 "try --device cpu, or a smaller working resolution (--max-cnn-voxels) or fewer features"
             ) from error
         raise DeviceError(f"out of memory during {what} on the CPU; try a smaller working resolution") from error
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error):
+            raise
+        # the CPU allocator's failure is a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+        raise DeviceError(
+            f"out of memory during {what} on the CPU; register on a coarser grid (--working-spacing), crop the "
+            "images, or lower --features / --max-cnn-voxels"
+        ) from error

@@ -77,20 +77,21 @@ OUTPUT_BYTES_PER_VOXEL = 56
 
 
 def estimate_memory_bytes(
-    fixed_size: Sequence[int], moving_size: Sequence[int], mode: Mode | str, working_size: Sequence[int] | None = None
+    fixed_size: Sequence[int],
+    moving_size: Sequence[int],
+    mode: Mode | str,
+    working_size: Sequence[int] | None = None,
+    features: int = 16,
 ) -> int:
     """Rough peak memory of a CPU run (bytes) from the image sizes alone; ``working_size``: the
-    grid the field is estimated on when it is not the fixed grid (:func:`cnnreg.image.working_size`)."""
+    grid the field is estimated on when it is not the fixed grid (:func:`cnnreg.image.working_size`);
+    ``features``: the phantom CNN's width (its activations grow with it; measured at 16)."""
     fixed_voxels, moving_voxels = int(np.prod(fixed_size)), int(np.prod(moving_size))
+    per_voxel = BYTES_PER_VOXEL[Mode(mode)] * (max(1.0, features / 16) if Mode(mode) is Mode.PHANTOM else 1.0)
     if working_size is None or tuple(working_size) == tuple(fixed_size):
-        return BASELINE_BYTES + BYTES_PER_VOXEL[Mode(mode)] * fixed_voxels + 16 * moving_voxels
+        return int(BASELINE_BYTES + per_voxel * fixed_voxels + 16 * moving_voxels)
     working_voxels = int(np.prod(working_size))
-    return (
-        BASELINE_BYTES
-        + BYTES_PER_VOXEL[Mode(mode)] * working_voxels
-        + OUTPUT_BYTES_PER_VOXEL * fixed_voxels
-        + 16 * moving_voxels
-    )
+    return int(BASELINE_BYTES + per_voxel * working_voxels + OUTPUT_BYTES_PER_VOXEL * fixed_voxels + 16 * moving_voxels)
 
 
 def check_memory(
@@ -107,14 +108,15 @@ def check_memory(
 
     spacing = fixed_spacing if fixed_spacing is not None else (1.0,) * len(fixed_size)
     working = im.working_size(fixed_size, spacing, settings.working_spacing)
-    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode, working)
+    features = settings.optimization.features
+    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode, working, features)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
         advice = "crop or resample the images"
         for candidate in (1.5, 2.0, 3.0, 4.0, 6.0):  # the finest working spacing that fits, if any
             if candidate > settings.working_spacing and fixed_spacing is not None:
                 size = im.working_size(fixed_size, spacing, candidate)
-                if estimate_memory_bytes(fixed_size, moving_size, settings.mode, size) < available:
+                if estimate_memory_bytes(fixed_size, moving_size, settings.mode, size, features) < available:
                     advice = (
                         f"register on a coarser grid with --working-spacing {candidate:g} (a "
                         f"{'x'.join(map(str, size))} working grid; the field is still returned on the fixed grid), "

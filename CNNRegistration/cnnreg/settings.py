@@ -236,6 +236,12 @@ DENSE_LEARNING_RATES: dict[Optimizer, float] = {
 #: diverged (6-12 % of the voxels folded on mni2mm and phantom_mni)
 CNN_LEARNING_RATE = 2e-3
 
+#: bounds of options that have no sensible use beyond them (and cost memory without bound): a
+#: field-update smoothing wider than 20 voxels smooths the field away; the CNN of Chen et al. has 24
+#: features, 256 costs ~16x the memory of the default 16
+MAX_FIELD_SMOOTHING = 20.0
+MAX_FEATURES = 256
+
 #: random seeds: what numpy, Python and torch all accept
 MAX_SEED = 2**32 - 1
 
@@ -424,7 +430,9 @@ class OptimizationSettings:
     levels: int = _option(3, "pyramid levels", Number(int, 1, 12))
     iterations: Sequence[int] | int | None = _option(None, _iterations_help(), Schedule())
     learning_rate: float | None = _option(None, _learning_rate_help(), Number(float, 0, low_open=True))
-    field_smoothing: float = _option(1.25, "Gaussian sigma of the field update, voxels (>= 0)", Number(float, 0))
+    field_smoothing: float = _option(
+        1.25, "Gaussian sigma of the field update, voxels (0 to 20)", Number(float, 0, MAX_FIELD_SMOOTHING)
+    )
     control_spacing: float = _option(
         2.0, "dense-field control grid spacing, voxels (1 = every voxel)", Number(float, 1)
     )
@@ -432,7 +440,7 @@ class OptimizationSettings:
     interpolation: Interpolation | None = _option(
         None, _interpolation_help(), values=SIMILARITY_INTERPOLATIONS, choice=Interpolation
     )
-    features: int = _option(16, "phantom-mode CNN width", Number(int, 1))
+    features: int = _option(16, "phantom-mode CNN width (1 to 256)", Number(int, 1, MAX_FEATURES))
     max_cnn_voxels: int = _option(2**21, "phantom-mode working-grid size limit (voxels)", Number(int, 1))
     cnn_full_resolution_iterations: int = _option(
         0,

@@ -977,3 +977,27 @@ def test_similarity_is_judged_where_both_images_have_data(synth, tmp_path):
     assert summary["similarity_overlap_after"] < 0.9 * summary["similarity_overlap_before"]  # MSE: lower is better
     # over the whole grid, with the zero-filled border, the same run reads as much worse
     assert summary["similarity_after"] > 10 * summary["similarity_before"]
+
+
+def test_options_without_sensible_use_are_bounded_and_memory_failures_named(inputs, tmp_path, capsys, monkeypatch):
+    """--features 100000 used to die with a traceback (exit 1) and --field-smoothing 1e6 ran an
+    uncapped kernel: both are refused before any work; the memory estimate grows with the CNN's
+    width; the CPU allocator's failure is exit 3 with advice, not a traceback."""
+    from cnnreg.registration import BASELINE_BYTES, estimate_memory_bytes
+
+    for option, value in (("--features", "100000"), ("--field-smoothing", "1e6")):
+        with pytest.raises(SystemExit) as error:
+            main(_register_args(inputs, tmp_path / "o", option, value))
+        assert error.value.code == 2 and option in capsys.readouterr().err
+    narrow = estimate_memory_bytes((96,) * 3, (96,) * 3, "phantom", features=16)
+    wide = estimate_memory_bytes((96,) * 3, (96,) * 3, "phantom", features=256)
+    images = BASELINE_BYTES + 16 * 96**3  # the part that does not depend on the network
+    assert (wide - images) == pytest.approx(16 * (narrow - images), rel=1e-6)  # 256 / 16 features
+    import cnnreg.registration
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(cnnreg.registration, "_estimate_field", allocation_fails)
+    assert main(_register_args(inputs, tmp_path / "o", *FAST, "--progress", "none")) == 3
+    assert "out of memory" in capsys.readouterr().err and not (tmp_path / "o").exists()
