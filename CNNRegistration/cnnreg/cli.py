@@ -257,11 +257,13 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None, handle_signals: bool = False) -> int:
     """Run one command; returns the exit code.  ``handle_signals`` (programs only, main
-    thread) turns SIGTERM into a clean cancel, as Ctrl-C is."""
+    thread) turns SIGTERM and SIGHUP into a clean cancel, as Ctrl-C is."""
     parser, runners = build_parser()
     args = parser.parse_args(argv)
-    if handle_signals and hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if handle_signals:  # a closed terminal (SIGHUP) cancels cleanly too, as SIGTERM and Ctrl-C do
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _raise_keyboard_interrupt)
     progress_jsonl = getattr(args, "progress", "none") in ("auto", "jsonl")
 
     def fail(code: int, message: str) -> int:

@@ -40,7 +40,11 @@ def read_image(path: str | os.PathLike, role: str = "image", allow_constant: boo
 
 def _existing(path: str | os.PathLike, role: str) -> str:
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{role} {path} is a folder; give an image file")
     if not os.path.isfile(path):
+        if os.path.islink(path):
+            raise InputError(f"{role} {path} is a broken symbolic link (or a loop of links)")
         raise InputError(f"{role} file not found: {path}")
     return path
 

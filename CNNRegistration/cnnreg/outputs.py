@@ -84,6 +84,11 @@ def check_output_folder(
         )
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"output path {out_dir} exists and is a file, not a folder")
+    if os.path.ismount(out_dir):
+        raise InputError(
+            f"the output folder {out_dir} is a mount point, which cannot be replaced by the finished results; "
+            "name a folder inside it"
+        )
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if LOCK_NAME in entries:
         owner = _live_owner(os.path.join(out_dir, LOCK_NAME))
@@ -207,7 +212,10 @@ def staged_folder(out_dir: str | os.PathLike, claim: Claim | None = None) -> Ite
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    _remove_stale_partials(parent, name)
+    stage = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
+    # mkdtemp makes 0700: give the results the mode of the folder they replace, else the umask's
+    os.chmod(stage, _folder_mode(out_dir))
     try:
         yield stage
         if claim is not None:
@@ -250,6 +258,7 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
     suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
     handle, stage = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=suffix, dir=parent)
     os.close(handle)
+    os.chmod(stage, _folder_mode(path) & 0o666)  # mkstemp makes 0600: the replaced file's mode, else the umask's
     try:
         yield stage
         os.replace(stage, path)
@@ -257,6 +266,37 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(stage)
         raise
+
+
+def _folder_mode(out_dir: str) -> int:
+    """The permission bits (setgid included) the results folder gets: those of the folder it
+    replaces, or a new folder's under the process's umask."""
+    try:
+        return os.stat(out_dir).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o777 & ~umask
+
+
+def _remove_stale_partials(parent: str, name: str) -> None:
+    """Remove the ``.NAME.partial-PID-*`` folders left beside ``NAME`` by runs that were killed
+    (their process is gone); another live run's are kept."""
+    prefix = f".{name}.partial-"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry[len(prefix) :].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            _remove(os.path.join(parent, entry))
+        except PermissionError:
+            pass
 
 
 def _remove(path: str) -> None:

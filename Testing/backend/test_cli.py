@@ -1001,3 +1001,60 @@ def test_options_without_sensible_use_are_bounded_and_memory_failures_named(inpu
     monkeypatch.setattr(cnnreg.registration, "_estimate_field", allocation_fails)
     assert main(_register_args(inputs, tmp_path / "o", *FAST, "--progress", "none")) == 3
     assert "out of memory" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_results_respect_the_umask_and_keep_a_shared_folders_mode(inputs, tmp_path):
+    """Output folders used to be 0700 and apply's files 0600 whatever the umask, and --overwrite
+    reset a shared folder's 2775 to 0700."""
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "new"
+        assert main(_register_args(inputs, out, *FAST, "--progress", "none")) == 0
+        assert out.stat().st_mode & 0o7777 == 0o755
+        out.chmod(0o2775)
+        assert main(_register_args(inputs, out, *FAST, "--progress", "none", "--overwrite")) == 0
+        assert out.stat().st_mode & 0o7777 == 0o2775
+        applied = tmp_path / "applied.nii.gz"
+        field = str(out / "displacement.nii.gz")
+        assert main(["apply", "--displacement", field, "--image", inputs["moving.nii.gz"], "--out", str(applied)]) == 0
+        assert applied.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
+def test_stale_partials_of_killed_runs_are_removed_and_live_ones_kept(inputs, tmp_path):
+    dead = tmp_path / ".res.partial-999999999-abc"
+    live = tmp_path / f".res.partial-{os.getppid()}-xyz"  # the parent of this process is alive
+    for folder in (dead, live):
+        folder.mkdir()
+    assert main(_register_args(inputs, tmp_path / "res", *FAST, "--progress", "none")) == 0
+    assert not dead.exists() and live.exists()
+
+
+def test_inputs_that_are_not_files_are_named(inputs, tmp_path, capsys):
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(tmp_path / "loop.nii.gz")
+    cases = ((str(tmp_path), "is a folder"), (str(loop), "broken symbolic link (or a loop of links)"))
+    for path, message in cases:
+        assert (
+            main(["register", "--fixed", path, "--moving", inputs["moving.nii.gz"], "--out", str(tmp_path / "o")]) == 2
+        )
+        assert message in capsys.readouterr().err
+
+
+def test_a_closed_terminal_cancels_cleanly(tmp_path, subprocess_env):
+    """SIGHUP (the terminal closed) is handled as SIGTERM and Ctrl-C: exit 130, nothing left."""
+    import signal
+
+    out = tmp_path / "hup"
+    arguments = _sample_args(out, "--mode", "instance", "--iterations", "500,500,500", "--progress", "jsonl")
+    command = [sys.executable, "-m", "cnnreg", *arguments]
+    process = subprocess.Popen(
+        command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    for line in process.stdout:  # wait until it is optimising
+        if '"progress"' in line:
+            break
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=120) == 130
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hup.")]
