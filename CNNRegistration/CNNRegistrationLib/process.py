@@ -83,12 +83,21 @@ def killProcessTree(pid: int, timeout: float = 5.0, popen: subprocess.Popen | No
             parent = psutil.Process(pid)
         except psutil.NoSuchProcess:
             return
-        processes = parent.children(recursive=True) + [parent]
-        for process in processes:
+        children = parent.children(recursive=True)
+        # our own child is reaped by its Popen (psutil would reap it first, and Popen would then
+        # report exit code 0 for a killed process)
+        processes = children if popen is not None else [*children, parent]
+        for process in [*children, parent]:
             try:
                 process.terminate()
             except psutil.NoSuchProcess:
                 pass
+        if popen is not None:
+            try:
+                popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
         _, alive = psutil.wait_procs(processes, timeout=timeout)
         for process in alive:
             try:
@@ -149,6 +158,7 @@ class BackendProcess:
         self._queue: queue.Queue = queue.Queue()
         self._threads: list = []
         self._exitReported = False
+        self._exitedAt: float | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -188,12 +198,35 @@ class BackendProcess:
     def started(self) -> bool:
         return self.process is not None
 
+    #: seconds the output of an exited process is still read (a leftover grandchild that keeps the
+    #: pipes open must not keep the job "running" forever)
+    DRAIN_SECONDS = 2.0
+
     @property
     def running(self) -> bool:
-        """True from start until the process has exited and its output has been read."""
+        """True from start until the process has exited and its output has been read (for at most
+        :data:`DRAIN_SECONDS` after the exit; leftover processes of its group are then stopped)."""
         if self.process is None:
             return False
-        return self.process.poll() is None or any(thread.is_alive() for thread in self._threads)
+        if self.process.poll() is None:
+            return True
+        if not any(thread.is_alive() for thread in self._threads):
+            return False
+        if self._exitedAt is None:
+            self._exitedAt = time.monotonic()
+        if time.monotonic() - self._exitedAt < self.DRAIN_SECONDS:
+            return True
+        self._stopLeftovers()
+        return False
+
+    def _stopLeftovers(self) -> None:
+        """Stop what is left of the child's process group (it ran in its own session), e.g. a
+        grandchild that still holds the output pipes after the child exited."""
+        if os.name == "posix" and self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def poll(self) -> list:
         """Events received since the last call (never blocks). The last call after the
@@ -222,13 +255,21 @@ class BackendProcess:
             raise RuntimeError("the process was not started")
         self.process.wait(timeout=timeout)
         for thread in self._threads:
-            thread.join(timeout=None if timeout is None else max(timeout, 1.0))
+            thread.join(timeout=self.DRAIN_SECONDS)
+        if any(thread.is_alive() for thread in self._threads):  # a leftover holds the pipes
+            self._stopLeftovers()
+            for thread in self._threads:
+                thread.join(timeout=self.DRAIN_SECONDS)
         self.returncode = self.process.returncode
         return self.returncode
 
     def cancel(self, timeout: float = 5.0) -> None:
-        """Stop the child and all its descendants (terminate, then kill after ``timeout`` s)."""
-        if self.process is None or self.process.poll() is not None:
+        """Stop the child and all its descendants (terminate, then kill after ``timeout`` s); after
+        the child has exited, what is left of its process group."""
+        if self.process is None:
+            return
+        if self.process.poll() is not None:
+            self._stopLeftovers()
             return
         self.cancelled = True
         logging.info("Cancelling backend process %d", self.process.pid)

@@ -30,6 +30,9 @@ if sys.argv[1] == "forever":
         i += 1
         print(json.dumps({"event": "progress", "iteration": i, "iterations": 10**6, "fraction": 0.0, "loss": 1.0}), flush=True)
         time.sleep(0.05)
+if sys.argv[1] == "orphan":  # a grandchild that outlives the child and keeps its output pipes open
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(json.dumps({"event": "pids", "child": grandchild.pid}), flush=True)
 print(json.dumps({"event": "done", "summary": {"seconds": 0.0}}), flush=True)
 sys.exit(int(sys.argv[2]))
 """
@@ -208,3 +211,35 @@ def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
         assert arguments[arguments.index(option) + 1] == value
     assert "--overwrite" in arguments
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.outputJacobian), 1.0)
+
+
+@pytest.mark.parametrize("withPsutil", [True, False])
+def test_a_cancelled_process_does_not_report_success(monkeypatch, withPsutil):
+    """psutil used to reap the child before Popen.wait(), which then said exit code 0."""
+    backend = process.BackendProcess(["-c", CHILD, "forever", "0"])
+    backend.start()
+    waitForEvent(backend, "progress")
+    if not withPsutil:
+        monkeypatch.setitem(sys.modules, "psutil", None)
+    backend.cancel(timeout=5.0)
+    monkeypatch.undo()
+    exit, _ = waitForEvent(backend, "exit")
+    assert exit["cancelled"] and exit["returncode"] != 0
+
+
+def test_a_leftover_grandchild_holding_the_pipes_does_not_keep_the_job_running():
+    """The child exits 3 and leaves a grandchild with its stdout: the job ends with the child's
+    exit code within seconds (it used to stay "running" and wait() to time out), and the
+    leftover is stopped."""
+    backend = process.BackendProcess(["-c", CHILD, "orphan", "3"])
+    backend.start()
+    pids, _ = waitForEvent(backend, "pids")
+    started = time.monotonic()
+    assert backend.wait(timeout=30) == 3
+    assert time.monotonic() - started < 15
+    exit, _ = waitForEvent(backend, "exit", timeout=10)
+    assert exit["returncode"] == 3 and not exit["cancelled"]
+    deadline = time.monotonic() + 5
+    while pidAlive(pids["child"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pidAlive(pids["child"])
