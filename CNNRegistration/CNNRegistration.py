@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CNNRegistrationLib import dependencies, nodes, registration
+from CNNRegistrationLib import dependencies, nodes, process, registration
 from CNNRegistrationLib.settings import (
     MODE_DEFAULT,
     PRESETS,
@@ -278,11 +278,11 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showEvent(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "progress":
-            fraction = event.get("fraction")
-            if fraction is not None:
-                self.ui.progressBar.value = int(round(100 * float(fraction)))
+            percent = process.progressPercent(event)
+            if percent is not None:
+                self.ui.progressBar.value = percent
             text = f"{event.get('stage', 'optimising')}: iteration {event.get('iteration')}/{event.get('iterations')}"
-            if event.get("loss") is not None:
+            if isinstance(event.get("loss"), (int, float)):
                 text += f", loss {float(event['loss']):.4g}"
             self.ui.statusLabel.text = text
         elif kind == "start":

@@ -69,6 +69,18 @@ def parseLine(line: str) -> dict:
     return {"event": "log", "message": text}
 
 
+def progressPercent(event: dict) -> int | None:
+    """The progress bar's value (0-100) of a progress event's ``fraction``, or None when it has
+    none or it is not a finite number (a malformed line must not stop the panel)."""
+    try:
+        fraction = float(event.get("fraction"))
+    except (TypeError, ValueError):
+        return None
+    if fraction != fraction or fraction in (float("inf"), float("-inf")):
+        return None
+    return int(round(100 * min(1.0, max(0.0, fraction))))
+
+
 def killProcessTree(pid: int, timeout: float = 5.0, popen: subprocess.Popen | None = None) -> None:
     """Terminate process ``pid`` and all its descendants; kill those still alive after
     ``timeout`` seconds. Uses psutil when importable, else the process group (POSIX,

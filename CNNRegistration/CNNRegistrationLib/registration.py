@@ -179,7 +179,7 @@ class RegistrationJob:
             if self.process.running:
                 raise RuntimeError("the backend is still running; wait, or cancel it first")
             self.poll()
-            if self.process.cancelled or self.process.returncode == EXIT_CANCELLED:
+            if self.process.cancelled:  # only what the user asked for is "cancelled"
                 raise RegistrationCancelled("Registration cancelled.", self.process.returncode)
             if self.process.returncode != 0:
                 raise RegistrationError(self._failureMessage(), self.process.returncode)
@@ -259,8 +259,10 @@ class RegistrationJob:
             return f"The backend rejected the input: {detail}"
         if code == EXIT_DEVICE:
             return f"The compute device cannot be used: {detail}\nTry the CPU device (Advanced section)."
+        if code == EXIT_CANCELLED:
+            return f"The registration backend was interrupted (exit code {code}, not cancelled here): {detail}"
         if code == EXIT_NUMERIC:
-            return f"The optimisation diverged: {detail}"
+            return f"The registration failed (diverged, folded or made the images less similar): {detail}"
         return f"The registration backend failed (exit code {code}): {detail}"
 
     def _loadOutputs(self) -> RegistrationResult:
@@ -268,8 +270,13 @@ class RegistrationJob:
         summaryPath = os.path.join(folder, OUTPUT_FILES["summary"])
         summary = self.summary or {}
         if os.path.isfile(summaryPath):
-            with open(summaryPath, encoding="utf-8") as stream:
-                summary = json.load(stream)
+            try:
+                with open(summaryPath, encoding="utf-8") as stream:
+                    summary = json.load(stream)
+            except (OSError, ValueError) as error:
+                raise RegistrationError(
+                    f"the backend finished but its summary {summaryPath} is unreadable: {error}"
+                ) from error
         for required in (OUTPUT_FILES["warped"], OUTPUT_FILES["displacement"]):
             if not os.path.isfile(os.path.join(folder, required)):
                 raise RegistrationError(f"the backend finished but did not write {required} in {folder}")
@@ -300,9 +307,17 @@ class RegistrationJob:
                 )
                 nodes.setJacobianDisplay(jacobian)
             labels = self._loadLabels(os.path.join(folder, OUTPUT_FILES["warped_labels"]), created)
-        except BaseException:
-            for node in created:
+        except BaseException as error:
+            for node in created:  # with their display nodes: nothing of a failed load stays in the scene
+                displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+                for display in displays:
+                    if display is not None:
+                        self.scene.RemoveNode(display)
                 self.scene.RemoveNode(node)
+            if isinstance(error, RuntimeError) and not isinstance(error, RegistrationError):
+                raise RegistrationError(
+                    f"the backend finished but its outputs in {folder} could not be read: {error}"
+                ) from error
             raise
         keep = self.settings.keepTemporaryFiles
         qcPath = os.path.join(folder, OUTPUT_FILES["qc"])

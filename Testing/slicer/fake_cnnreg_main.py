@@ -4,6 +4,8 @@ a known answer: a constant LPS translation. Behaviour from ``FAKE_CNNREG``:
 
 * ``ok`` (default): write warped/displacement/jacobian/summary (+ warped labels), exit 0.
 * ``fail``: an ``error`` event and a stderr message, exit 2 (bad input).
+* ``interrupted``: exit 130 without being cancelled; ``garbage``: exit 0 with an unreadable
+  warped volume.
 * ``sleep``: start a grandchild process (pid written to ``FAKE_CNNREG_PIDFILE``) and print
   progress lines forever, to be cancelled.
 """
@@ -40,6 +42,10 @@ def main():
         emit(event="error", message="moving image is constant (every voxel is 0); nothing to register")
         print("InputError: moving image is constant", file=sys.stderr, flush=True)
         return 2
+
+    if behaviour == "interrupted":  # the backend's own exit code for Ctrl-C, not asked for by the module
+        print("KeyboardInterrupt", file=sys.stderr, flush=True)
+        return 130
 
     if behaviour == "sleep":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -111,6 +117,9 @@ def main():
     }
     with open(os.path.join(arguments.out, "summary.json"), "w") as stream:
         json.dump(summary, stream)
+    if behaviour == "garbage":  # exit 0, but the warped volume does not read back
+        with open(os.path.join(arguments.out, "warped.nii.gz"), "wb") as stream:
+            stream.write(b"not an image")
     emit(event="done", summary=summary)
     return 0
 

@@ -243,3 +243,29 @@ def test_a_leftover_grandchild_holding_the_pipes_does_not_keep_the_job_running()
     while pidAlive(pids["child"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pidAlive(pids["child"])
+
+
+@pytest.mark.parametrize(
+    "behaviour, message",
+    [("interrupted", "interrupted \\(exit code 130, not cancelled here\\)"), ("garbage", "could not be read")],
+)
+def test_job_failures_are_named_and_leave_the_scene_as_it_was(
+    scene, tmp_path, fakeBackend, monkeypatch, behaviour, message
+):
+    """A backend exit 130 the user did not ask for is a failure, not "cancelled"; outputs that do not
+    read back after exit 0 are a RegistrationError (not a raw RuntimeError) and leave no node,
+    display nodes included."""
+    monkeypatch.setenv("FAKE_CNNREG", behaviour)
+    fixed, moving = smallPair(scene)
+    before = sceneNodeIds(scene)
+    job = registration.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
+    with pytest.raises(registration.RegistrationError, match=message):
+        job.run(timeout=60)
+    assert sceneNodeIds(scene) == before
+
+
+def test_progress_percent_survives_malformed_fractions():
+    assert process.progressPercent({"fraction": 0.256}) == 26
+    assert process.progressPercent({"fraction": 1.7}) == 100
+    for bad in (float("nan"), float("inf"), "abc", None, [1]):
+        assert process.progressPercent({"fraction": bad}) is None
