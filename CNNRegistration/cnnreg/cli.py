@@ -169,6 +169,10 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+#: image file suffixes ``apply`` writes (SimpleITK picks the format from the suffix)
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".tif", ".tiff", ".vtk")
+
+
 def _run_apply(args: argparse.Namespace) -> int:
     import numpy as np
     import SimpleITK as sitk
@@ -181,18 +185,20 @@ def _run_apply(args: argparse.Namespace) -> int:
         raise InputError(f"output file {out} already exists; pass --overwrite to replace it")
     if os.path.isdir(out):
         raise InputError(f"output {out} is a folder; give an image file name (e.g. warped.nii.gz)")
+    if not out.lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"cannot write {out}: unknown image format; use one of {', '.join(WRITABLE_SUFFIXES)}")
     inputs = [p for p in (args.displacement, args.image, args.reference) if p]
     if os.path.realpath(out) in {os.path.realpath(p) for p in inputs}:  # through links too
         raise InputError(f"output {out} is one of the inputs; choose another output file")
     check_writable_parent(out)
     field = im.read_displacement(args.displacement)
     chosen = Interpolation(args.interpolation) if args.interpolation else None
-    labels = chosen in (Interpolation.NEAREST, Interpolation.LABEL)  # a mask may hold one label
-    image = im.read_image(args.image, "image", allow_constant=labels or chosen is None)
+    labels = chosen in (Interpolation.NEAREST, Interpolation.LABEL)
+    image = im.read_image(
+        args.image, "image", allow_constant=True
+    )  # a constant map (a mask, a uniform activity) warps fine
     if chosen is None:
         chosen = Interpolation.NEAREST if im.is_label_map(image) else Interpolation.LINEAR
-        if chosen is Interpolation.LINEAR:
-            im.check_image(image, f"image {args.image}")  # constant: nothing to interpolate
     elif im.is_label_map(image) and not labels:
         print(
             f"warning: {args.image} has an integer type (a label map?) and --interpolation {chosen.value} mixes "

@@ -61,7 +61,11 @@ def _read(path: str, role: str, header_only: bool = False):
         return reader.Execute()
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise InputError(f"cannot read {role} file {path}: not an image SimpleITK can read ({first_line})") from None
+        if "No such file" in first_line:  # ITK's errno text for a file that is there but short (e.g. a truncated .mha)
+            first_line = "its data is missing or truncated"
+        raise InputError(
+            f"cannot read {role} file {path}: not an image SimpleITK can read, or damaged ({first_line})"
+        ) from None
 
 
 def size_from_header(path: str | os.PathLike, role: str = "image") -> tuple[int, ...]:

@@ -87,6 +87,13 @@ def _parse(head: bytes, path: str, role: str) -> NiftiHeader:
         raise InputError(
             f"cannot read {role} file {path}: invalid NIfTI header (dim {list(dims[: ndim + 1])}, bitpix {bitpix})"
         )
+    header_bytes = 352 if struct.unpack(order + "i", head[:4])[0] == 348 else 544
+    if offset < header_bytes and not path.lower().endswith((".hdr", ".img")):
+        raise InputError(
+            f"cannot read {role} file {path}: invalid NIfTI header (vox_offset {offset:g}: in a single-file NIfTI the "
+            f"voxel data start at byte {header_bytes} or later, and readers would take header bytes for voxels); "
+            "rewrite the file with the tool that made it"
+        )
     return NiftiHeader(tuple(int(d) for d in dims[1 : ndim + 1]), int(datatype), int(bitpix), int(offset), order)
 
 

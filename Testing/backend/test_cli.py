@@ -1058,3 +1058,34 @@ def test_a_closed_terminal_cancels_cleanly(tmp_path, subprocess_env):
     process.send_signal(signal.SIGHUP)
     assert process.wait(timeout=120) == 130
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hup.")]
+
+
+def test_messages_name_the_real_problem(inputs, tmp_path, capsys):
+    """apply with an unknown output format used to exit 3 naming a hidden temporary file; a .nii
+    with vox_offset 0 was refused as 'NaN voxels'; apply on a constant image said 'nothing to
+    register'; a truncated .mha said 'No such file or directory'."""
+    import struct
+
+    field = str(tmp_path / "field.nii.gz")
+    reference = sitk.ReadImage(inputs["fixed.nii.gz"])
+    zero = sitk.Image(reference.GetSize(), sitk.sitkVectorFloat32, 3)
+    zero.CopyInformation(reference)
+    sitk.WriteImage(zero, field)
+    apply = ["apply", "--displacement", field, "--image"]
+    assert main([*apply, inputs["moving.nii.gz"], "--out", str(tmp_path / "out.xyz")]) == 2
+    assert f"cannot write {tmp_path / 'out.xyz'}: unknown image format" in capsys.readouterr().err
+    assert main([*apply, inputs["constant.nii.gz"], "--out", str(tmp_path / "constant.nii.gz")]) == 0
+    assert not list(tmp_path.glob(".*partial*"))
+    plain = tmp_path / "offset.nii"
+    sitk.WriteImage(sitk.ReadImage(inputs["moving.nii.gz"]), str(plain))
+    data = bytearray(plain.read_bytes())
+    data[108:112] = struct.pack("<f", 0.0)
+    plain.write_bytes(bytes(data))
+    assert main([*apply, str(plain), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert "vox_offset 0" in capsys.readouterr().err
+    mha = tmp_path / "short.mha"
+    sitk.WriteImage(sitk.ReadImage(inputs["moving.nii.gz"]), str(mha))
+    mha.write_bytes(mha.read_bytes()[:-500])
+    assert main([*apply, str(mha), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    message = capsys.readouterr().err
+    assert "damaged" in message and "No such file" not in message
