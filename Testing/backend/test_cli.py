@@ -1089,3 +1089,15 @@ def test_messages_name_the_real_problem(inputs, tmp_path, capsys):
     assert main([*apply, str(mha), "--out", str(tmp_path / "o.nii.gz")]) == 2
     message = capsys.readouterr().err
     assert "damaged" in message and "No such file" not in message
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    """The swap of a mount point failed only after the computation ("Device or resource busy")."""
+    import cnnreg.outputs
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(cnnreg.outputs.os.path, "ismount", lambda path: str(path) == str(mount) or real(path))
+    assert main(_register_args(inputs, mount, *FAST, "--progress", "none")) == 2
+    assert "is a mount point" in capsys.readouterr().err and list(mount.iterdir()) == []
