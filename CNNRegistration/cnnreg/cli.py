@@ -156,8 +156,8 @@ def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
         choices=choices(Interpolation),
         help="nearest or label (label-aware: each label's indicator smoothed by 0.2 voxel, warped, arg-max: "
         "smooth boundaries onto a finer grid) for label maps and masks; linear or cubic (B-spline) for intensity "
-        "images (default: nearest for a label map, i.e. a piecewise-constant image of integer type; linear "
-        "otherwise)",
+        "images (default: for a label map, i.e. a piecewise-constant image of integer type, label onto a grid "
+        "with voxels less than half its own, nearest otherwise; linear for other images)",
     )
     parser.add_argument(
         "--mass-preserving",
@@ -197,15 +197,16 @@ def _run_apply(args: argparse.Namespace) -> int:
     image = im.read_image(
         args.image, "image", allow_constant=True
     )  # a constant map (a mask, a uniform activity) warps fine
+    reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
     if chosen is None:
-        chosen = Interpolation.NEAREST if im.is_label_map(image) else Interpolation.LINEAR
+        grid = reference if reference is not None else field
+        chosen = im.label_interpolation(image, grid) if im.is_label_map(image) else Interpolation.LINEAR
     elif im.is_label_map(image) and not labels:
         print(
             f"warning: {args.image} has an integer type (a label map?) and --interpolation {chosen.value} mixes "
             "its labels at boundaries (new values appear, organs change volume); use --interpolation nearest or label",
             file=sys.stderr,
         )
-    reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
     if args.mass_preserving and chosen in (Interpolation.NEAREST, Interpolation.LABEL):
         raise InputError("--mass-preserving is for concentration images; a label map keeps its labels")
     warped = im.apply_displacement(image, field, reference, chosen)

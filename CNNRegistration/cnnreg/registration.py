@@ -374,7 +374,7 @@ def register(
     warped_labels = None
     if moving_labels is not None:
         warped_labels = im.apply_displacement(
-            moving_labels, working_field, reference=fixed, interpolation=Interpolation.NEAREST
+            moving_labels, working_field, reference=fixed, interpolation=im.label_interpolation(moving_labels, fixed)
         )
     inverse = _inverse(u, fixed_work, pre_transform, working_field, moving, moving_labels)
     del working_field
@@ -426,6 +426,9 @@ def register(
         "normalization": settings.normalization.value,
         "working_grid": {"size": list(fixed_work.GetSize()), "spacing": list(fixed_work.GetSpacing())},
         "interpolation": opt.interpolation.value,
+        "labels_interpolation": im.label_interpolation(moving_labels, fixed).value
+        if moving_labels is not None
+        else None,
         "seconds": round(elapsed, 3),
         "similarity_before": before,
         "similarity_after": after,

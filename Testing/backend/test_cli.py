@@ -940,6 +940,9 @@ def test_label_aware_warp_onto_a_finer_grid_is_closer_to_the_true_shape():
     aware = dice_per_label(fine, im.apply_displacement(coarse, identity, fine, "label"), [2])[2]
     nearest = dice_per_label(fine, im.apply_displacement(coarse, identity, fine, "nearest"), [2])[2]
     assert aware > nearest + 0.02 and aware > 0.93, (aware, nearest)
+    # the default rule: label-aware onto a grid with voxels under half the labels', else nearest
+    assert im.label_interpolation(coarse, fine).value == "label"
+    assert im.label_interpolation(fine, fine).value == "nearest" == im.label_interpolation(fine, coarse).value
     ramp = sitk.Cast(sitk.GetImageFromArray(np.arange(60.0).reshape(3, 4, 5)), sitk.sitkUInt8)
     assert im.is_label_map(coarse) and not im.is_label_map(ramp)
 
