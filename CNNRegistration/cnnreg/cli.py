@@ -193,21 +193,19 @@ def _run_apply(args: argparse.Namespace) -> int:
     check_writable_parent(out)
     field = im.read_displacement(args.displacement)
     chosen = Interpolation(args.interpolation) if args.interpolation else None
-    labels = chosen in (Interpolation.NEAREST, Interpolation.LABEL)
-    image = im.read_image(
-        args.image, "image", allow_constant=True
-    )  # a constant map (a mask, a uniform activity) warps fine
+    # a constant map (a mask, a uniform activity) warps fine
+    image = im.read_image(args.image, "image", allow_constant=True)
     reference = im.read_image(args.reference, "reference image", allow_constant=True) if args.reference else None
     if chosen is None:
         grid = reference if reference is not None else field
         chosen = im.label_interpolation(image, grid) if im.is_label_map(image) else Interpolation.LINEAR
-    elif im.is_label_map(image) and not labels:
+    elif im.is_label_map(image) and chosen.differentiable:  # linear or cubic on labels
         print(
             f"warning: {args.image} has an integer type (a label map?) and --interpolation {chosen.value} mixes "
             "its labels at boundaries (new values appear, organs change volume); use --interpolation nearest or label",
             file=sys.stderr,
         )
-    if args.mass_preserving and chosen in (Interpolation.NEAREST, Interpolation.LABEL):
+    if args.mass_preserving and not chosen.differentiable:  # nearest or label-aware: a label map
         raise InputError("--mass-preserving is for concentration images; a label map keeps its labels")
     warped = im.apply_displacement(image, field, reference, chosen)
     if args.mass_preserving:

@@ -91,11 +91,7 @@ def check_output_folder(
         )
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if LOCK_NAME in entries:
-        owner = _live_owner(os.path.join(out_dir, LOCK_NAME))
-        if owner:
-            raise InputError(
-                f"another cnnreg run ({owner}) is writing into {out_dir}; wait for it or choose another folder"
-            )
+        _refuse_if_busy(os.path.join(out_dir, LOCK_NAME), out_dir)
         entries.remove(LOCK_NAME)  # left by a run that was killed: ignored, and replaced when claimed
     if entries and not overwrite:
         raise InputError(
@@ -125,22 +121,31 @@ def check_output_folder(
     return out_dir
 
 
-def _live_owner(lock: str) -> str | None:
-    """Who holds the lock file ``lock`` ("process N, started ..."), or None when its process has
-    ended (a killed run) or it cannot be read."""
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _refuse_if_busy(lock: str, out_dir: str) -> None:
+    """InputError naming the run that holds the lock file ``lock`` of ``out_dir`` while its
+    process lives; nothing when the lock is a killed run's or cannot be read."""
     try:
         with open(lock, encoding="utf-8") as handle:
             pid_text, _, started = handle.read().partition(" ")
         pid = int(pid_text)
     except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's live process
-        pass
-    return f"process {pid}, started {started.strip() or 'at an unknown time'}"
+        return
+    if _process_alive(pid):
+        raise InputError(
+            f"another cnnreg run (process {pid}, started {started.strip() or 'at an unknown time'}) is writing into "
+            f"{out_dir}; wait for it or choose another folder"
+        )
 
 
 @dataclasses.dataclass
@@ -176,13 +181,12 @@ def claimed_folder(out_dir: str | os.PathLike) -> Iterator[Claim]:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            owner = _live_owner(lock)
-            if owner:
+            try:
+                _refuse_if_busy(lock, out_dir)
+            except InputError:
                 if created:
                     os.rmdir(out_dir)
-                raise InputError(
-                    f"another cnnreg run ({owner}) is writing into {out_dir}; wait for it or choose another folder"
-                ) from None
+                raise
             with contextlib.suppress(OSError):  # a killed run's lock
                 os.remove(lock)
     else:
@@ -289,14 +293,8 @@ def _remove_stale_partials(parent: str, name: str) -> None:
         return
     for entry in entries:
         pid_text = entry[len(prefix) :].split("-", 1)[0] if entry.startswith(prefix) else ""
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
             _remove(os.path.join(parent, entry))
-        except PermissionError:
-            pass
 
 
 def _remove(path: str) -> None:

@@ -24,6 +24,7 @@ NIfTI/MetaImage headers, LPS).  Attenuation data: NIST XCOM (``cnnreg/data/atten
 from __future__ import annotations
 
 import argparse
+import colorsys
 import csv
 import functools
 import json
@@ -58,14 +59,19 @@ def attenuation_data() -> dict:
     return json.loads(ATTENUATION_TABLE.read_text())
 
 
+def _material(name: str) -> dict:
+    """The table entry of a NIST material; InputError naming the known ones otherwise."""
+    materials = attenuation_data()["materials"]
+    if name not in materials:
+        raise InputError(f"unknown material {name!r}; known: {sorted(materials)}")
+    return materials[name]
+
+
 def linear_attenuation(material: str, energy_kev: float, density: float | None = None) -> float:
     """Linear attenuation coefficient (1/cm) of a NIST material at ``energy_kev``: the mass
     attenuation coefficient interpolated log-log between the table's energies, times the density
     (g/cm^3; the table's when None)."""
-    materials = attenuation_data()["materials"]
-    if material not in materials:
-        raise InputError(f"unknown material {material!r}; known: {sorted(materials)}")
-    entry = materials[material]
+    entry = _material(material)
     table = np.asarray(entry["energy_kev_mass_attenuation_cm2_per_g"], dtype=np.float64)
     if not table[0, 0] <= energy_kev <= table[-1, 0]:
         raise InputError(f"photon energy {energy_kev} keV is outside the table ({table[0, 0]:g}-{table[-1, 0]:g} keV)")
@@ -128,15 +134,9 @@ def slicer_color_table(names: Mapping[int, str]) -> str:
     ]
     for label, name in sorted(names.items()):
         hue = (label * 0.618033988749895) % 1.0  # well-spread colours, the same for a label every time
-        r, g, b = (int(255 * c) for c in _hsv_to_rgb(hue, 0.65, 0.95))
+        r, g, b = (int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.95))
         lines.append(f"{label} {re.sub(r'[^A-Za-z0-9_.-]', '_', name)} {r} {g} {b} 255")
     return "\n".join(lines) + "\n"
-
-
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    import colorsys
-
-    return colorsys.hsv_to_rgb(h, s, v)
 
 
 def read_value_table(path: str | os.PathLike, names: Mapping[int, str], what: str) -> dict[int, str]:
@@ -370,8 +370,8 @@ def run(args: argparse.Namespace) -> int:
     if args.materials:
         for label, value in read_value_table(args.materials, names, "material table").items():
             material, _, density = str(value).partition(":")
+            _material(material.strip())  # an unknown material is named before anything is written
             materials[label] = (material.strip(), float(density) if density else None)
-            linear_attenuation(materials[label][0], 140.0)  # an unknown material is named now
     ct = None
     if args.ct:
         ct = im.read_image(args.ct, "CT")

@@ -67,33 +67,33 @@ def _image(array, size_ijk, spacing, origin, direction=None):
     return image
 
 
+def _chest_images(grid, **chest):
+    """(HU image, label image) of :func:`_chest` on ``grid`` = (size (i, j, k), spacing, origin)."""
+    hu, labels = _chest(_grid_points(*grid), **chest)
+    return _image(hu, *grid), _image(labels, *grid)
+
+
 def ct_like_pair():
     """(ct, ct_labels, phantom, phantom_labels): the patient CT on a 64x64x36 grid of
     6 x 6 x 9 mm (z from 0 to 315 mm, lungs centred at z = 170 mm); the phantom on a 48^3 grid of
     8 mm, centred at z = 570 mm in its own coordinates (400 mm above the CT's), narrower lungs,
     a wider body and a longer field of view (neck and abdomen beyond the CT's)."""
-    ct_size, ct_spacing, ct_origin = (64, 64, 36), (6.0, 6.0, 9.0), (-189.0, -189.0, 0.0)
-    hu, labels = _chest(
-        _grid_points(ct_size, ct_spacing, ct_origin),
+    ct, ct_labels = _chest_images(
+        ((64, 64, 36), (6.0, 6.0, 9.0), (-189.0, -189.0, 0.0)),
         centre=(0.0, 0.0, 170.0),
         body=(160.0, 110.0, 400.0),
         lung=(58.0, 62.0, 110.0),
         lung_offset=78.0,
         fov_radius=185.0,
     )
-    ct = _image(np.round(hu).astype(np.int16), ct_size, ct_spacing, ct_origin)
-    ct_labels = _image(labels, ct_size, ct_spacing, ct_origin)
-    phantom_size, phantom_spacing = (48, 48, 48), (8.0, 8.0, 8.0)
-    phantom_origin = (-188.0, -188.0, 570.0 - 188.0)
-    hu, labels = _chest(
-        _grid_points(phantom_size, phantom_spacing, phantom_origin),
+    ct = sitk.Cast(sitk.Round(ct), sitk.sitkInt16)  # stored as a scanner does
+    phantom, phantom_labels = _chest_images(
+        ((48, 48, 48), (8.0, 8.0, 8.0), (-188.0, -188.0, 570.0 - 188.0)),
         centre=(0.0, 0.0, 570.0),
         body=(170.0, 105.0, 400.0),
         lung=(50.0, 58.0, 95.0),
         lung_offset=72.0,
     )
-    phantom = _image(hu, phantom_size, phantom_spacing, phantom_origin)
-    phantom_labels = _image(labels, phantom_size, phantom_spacing, phantom_origin)
     return ct, ct_labels, phantom, phantom_labels
 
 
