@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CNNRegistrationLib import dependencies, nodes, process, registration
+from CNNRegistrationLib import dependencies, nodes, process, registration, simulation
 from CNNRegistrationLib.settings import (
     MODE_DEFAULT,
     PRESETS,
@@ -113,6 +113,14 @@ class CNNRegistrationParameterNode:
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
     outputTransform: Optional[vtkMRMLGridTransformNode]
     outputJacobian: Optional[vtkMRMLScalarVolumeNode]
+    # Export for simulation (energies: comma list, keV)
+    simulationOrgans: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
+    simulationCT: Optional[vtkMRMLScalarVolumeNode]
+    simulationEnergies: str = "140"
+    simulationPerOrgan: bool = False
+    simulationNifti: bool = True
+    simulationMetaImage: bool = False
+    simulationInterfile: bool = False
 
 
 #
@@ -158,6 +166,7 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.exportTransformButton.connect("clicked(bool)", self.onExportTransform)
         self.ui.showJacobianCheckBox.connect("toggled(bool)", self.onShowJacobianToggled)
+        self.ui.exportSimulationButton.connect("clicked(bool)", self.onExportSimulation)
 
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self.updateDeviceLabel)  # nvidia-smi may take a moment
@@ -320,6 +329,10 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters.outputTransform = result.outputTransform
         if result.outputJacobian is not None:
             parameters.outputJacobian = result.outputJacobian
+        if result.outputLabels is not None:  # ready for "Export for simulation"
+            parameters.simulationOrgans = result.outputLabels
+            if parameters.normalization == Normalization.CT:
+                parameters.simulationCT = parameters.fixedVolume
         self.ui.statusLabel.text = "Registration finished."
         self.ui.resultsLabel.text = CNNRegistrationLogic.formatSummary(result.summary, result.workDirectory)
         self.logic.showResult(result, parameters.fixedVolume, parameters.showJacobian)
@@ -343,6 +356,20 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to export the transform.", waitCursor=True):
             nodes.exportTransformToDisplacementFile(transformNode, path)
             self.ui.statusLabel.text = f"Transform written to {path} (LPS, from parent / resampling direction)."
+
+    def onExportSimulation(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Failed to export for simulation.", waitCursor=True):
+            export = self.logic.exportForSimulation(
+                parameters,
+                self.ui.simulationOutputPathLineEdit.currentPath,
+                self.ui.simulationActivityPathLineEdit.currentPath,
+                self.ui.simulationMaterialsPathLineEdit.currentPath,
+            )
+            warnings = export.record.get("warnings") or []
+            self.ui.statusLabel.text = "\n".join(
+                [f"Simulation inputs written to {export.outputDirectory}"] + [f"Warning: {w}" for w in warnings]
+            )
 
 
 #
@@ -385,6 +412,36 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
         with slicer.util.NodeModify(parameterNode.parameterNode):
             for key, value in PRESETS[name].items():
                 setattr(parameterNode, key, value)
+
+    @staticmethod
+    def exportForSimulation(
+        parameterNode, outputDirectory: str, activityTable: str = "", materialsTable: str = ""
+    ) -> simulation.SimulationExport:
+        """Simulator inputs from the last result's nodes and the panel's export settings (see
+        :func:`CNNRegistrationLib.simulation.exportForSimulation`); an earlier export folder is replaced."""
+        formats = [
+            name
+            for name, chosen in (
+                ("nifti", parameterNode.simulationNifti),
+                ("mhd", parameterNode.simulationMetaImage),
+                ("interfile", parameterNode.simulationInterfile),
+            )
+            if chosen
+        ]
+        return simulation.exportForSimulation(
+            parameterNode.outputTransform,
+            parameterNode.simulationOrgans,
+            outputDirectory,
+            jacobianNode=parameterNode.outputJacobian,
+            ctVolumeNode=parameterNode.simulationCT,
+            phantomLabelsNode=parameterNode.movingLabels,
+            energies=simulation.parseEnergies(parameterNode.simulationEnergies),
+            activityTable=activityTable or None,
+            materialsTable=materialsTable or None,
+            perOrgan=parameterNode.simulationPerOrgan,
+            formats=formats or ["nifti"],
+            overwrite=True,
+        )
 
     def startRegistration(self, parameterNode) -> registration.RegistrationJob:
         """Write the inputs and start the backend; returns the running job (non-blocking)."""

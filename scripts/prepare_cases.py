@@ -604,6 +604,20 @@ def _case_mni2mm(out_dir, rng):
     return write_case(out_dir, fixed, labels, info, rng, {"max_mm": 7.0, "sigma_mm": 10.0})
 
 
+def _case_mni1mm(out_dir, rng):
+    fixed, labels = mni_volume(1)
+    info = {
+        "name": "mni1mm",
+        "description": "The whole MNI152 2009a T1 head at 1 mm (197x233x189, 8.7 M voxels, uncropped); moving = the "
+        "template warped by a known smooth random field (max 7 mm, sigma 10 mm, made on a 2x coarser grid); labels "
+        "2 = WM (nilearn WM mask), 1 = GM (nilearn GM mask minus the WM mask). The cost-versus-size case.",
+        "source": "nilearn.datasets.load_mni152_template / load_mni152_gm_mask / load_mni152_wm_mask (resolution=1)",
+        "licence": MNI_LICENCE,
+        "label_names": MNI_NAMES,
+    }
+    return write_case(out_dir, fixed, labels, info, rng, {"max_mm": 7.0, "sigma_mm": 10.0, "step": 2})
+
+
 def _case_sample(out_dir, rng):
     fixed, labels = mni_2mm((80, 96, 80))
     fixed = fixed * 255.0
@@ -903,6 +917,7 @@ def _case_xcat_ct(out_dir, rng):
 
 CASES: dict[str, Callable] = {
     "mni2mm": _case_mni2mm,
+    "mni1mm": _case_mni1mm,
     "colin1mm": _case_colin1mm,
     "itk_t1": _case_itk_t1,
     "2d": _case_2d,

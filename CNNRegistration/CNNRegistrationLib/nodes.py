@@ -33,6 +33,7 @@ LPS_TO_RAS = np.array(LPS_TO_RAS_SIGNS)
 #: Node reference roles set on the output transform node.
 FIXED_VOLUME_REFERENCE = "fixedVolume"
 MOVING_VOLUME_REFERENCE = "movingVolume"
+JACOBIAN_REFERENCE = "jacobian"
 #: Attribute holding the backend's ``summary.json`` on the output transform node.
 SUMMARY_ATTRIBUTE = "CNNRegistration.summary"
 #: Name (and singleton tag) of the colour table used for Jacobian determinant maps.

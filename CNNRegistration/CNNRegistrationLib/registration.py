@@ -306,6 +306,7 @@ class RegistrationJob:
                     jacobian, sitk.ReadImage(os.path.join(folder, OUTPUT_FILES["jacobian"]))
                 )
                 nodes.setJacobianDisplay(jacobian)
+                transform.SetNodeReferenceID(nodes.JACOBIAN_REFERENCE, jacobian.GetID())
             labels = self._loadLabels(os.path.join(folder, OUTPUT_FILES["warped_labels"]), created)
         except BaseException as error:
             for node in created:  # with their display nodes: nothing of a failed load stays in the scene

@@ -46,6 +46,11 @@ ATTENUATION_TABLE = Path(__file__).resolve().parent / "data" / "attenuation.json
 CORTICAL_BONE_HU = 1500.0
 FORMATS = ("nifti", "mhd", "interfile")
 SUFFIXES = {"nifti": (".nii.gz",), "mhd": (".mhd", ".raw"), "interfile": (".h33", ".i33")}
+#: the names this command writes (what an earlier run with other options may have left)
+OWN_FILE_NAMES = re.compile(
+    r"(organs|activity(_[A-Za-z0-9_.-]+)?|mu_(ct|labels)_[0-9.]+keV)\.(nii\.gz|mhd|raw|h33|i33)"
+    r"|organs\.json|organs\.ctbl|organ_volumes\.csv|simulation\.json"
+)
 #: warn when the label-count and det J volumes of an organ differ by more than this (relative)
 VOLUME_TOLERANCE = 0.05
 
@@ -386,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
     stems += [f"mu_labels_{e:g}keV" for e in energies if materials]
     files = [name for stem in stems for fmt in formats for name in (stem + s for s in SUFFIXES[fmt])]
     files += ["organs.json", "organs.ctbl", "organ_volumes.csv", "simulation.json"]
+    if os.path.isdir(args.out):  # an earlier run's maps (other energies or organs) are ours to replace
+        files += [entry for entry in os.listdir(args.out) if OWN_FILE_NAMES.fullmatch(entry)]
     inputs = [
         p for p in (args.result, args.label_names, args.activity, args.ct, args.materials, args.moving_labels) if p
     ]

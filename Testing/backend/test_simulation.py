@@ -182,3 +182,19 @@ def test_mass_preserving_apply_keeps_the_total_activity(tmp_path):
         totals[bool(flag)] = float(sitk.GetArrayFromImage(sitk.ReadImage(str(out))).sum())
     assert totals[False] / concentration.sum() == pytest.approx(1 / 0.9**3, rel=0.03)
     assert totals[True] / concentration.sum() == pytest.approx(1.0, rel=0.02)
+
+
+def test_a_rerun_with_other_options_replaces_its_own_folder_only(result, tmp_path, capsys):
+    out = tmp_path / "sim"
+    base = ["simulation-inputs", "--result", str(result["out"]), "--out", str(out)]
+    assert main([*base, "--ct", result["ct"], "--energy", "208", "--format", "nifti,mhd"]) == 0
+    assert (out / "mu_ct_208keV.mhd").exists()
+    # the earlier run's attenuation maps are this command's files: --overwrite replaces them
+    assert main([*base, "--overwrite"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "organ_volumes.csv", "organs.ctbl", "organs.json", "organs.nii.gz", "simulation.json"
+    ]  # fmt: skip
+    # a file that is not one of its names keeps the folder from being replaced
+    (out / "notes.txt").write_text("mine")
+    assert main([*base, "--overwrite"]) == 2 and "notes.txt" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"

@@ -66,3 +66,58 @@ def ijkToRas(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+#: grid and values of :func:`simulationResultNodes` (anisotropic, oblique)
+ORGANS_SHAPE = (12, 14, 16)
+ORGANS_SPACING = (1.5, 0.8, 2.5)
+ORGANS_ORIGIN = (-10.0, 4.0, 7.5)
+JACOBIAN = 1.25
+ORGANS_AFFINE_DETERMINANT = 0.8
+
+
+def simulationResultNodes(scene) -> dict:
+    """Result nodes of a phantom -> patient run, made with known values: CT (HU), organs (1 body,
+    2 lung) as a named segmentation, a constant det J, the transform with its summary, and the
+    phantom's own organs on a 3 mm grid."""
+    import slicer
+
+    from CNNRegistrationLib import nodes
+
+    ct = np.full(ORGANS_SHAPE, -1000.0, np.float32)
+    ct[2:-2, 2:-2, 2:-2] = 0.0  # water body
+    ct[4:8, 4:8, 4:7] = -1000.0  # air lung
+    organs = np.zeros(ORGANS_SHAPE, np.int16)
+    organs[2:-2, 2:-2, 2:-2] = 1
+    organs[4:8, 4:8, 4:7] = 2
+    fixed = makeVolume(scene, ct, ORGANS_SPACING, ORGANS_ORIGIN, OBLIQUE, "patient CT")
+    labelmap = makeVolume(scene, organs, ORGANS_SPACING, ORGANS_ORIGIN, OBLIQUE, "organs", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom organs registered")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    for index, name in enumerate(("body", "lung")):
+        segmentation.GetSegmentation().GetNthSegment(index).SetName(name)
+    jacobian = makeVolume(
+        scene, np.full(ORGANS_SHAPE, JACOBIAN, np.float32), ORGANS_SPACING, ORGANS_ORIGIN, OBLIQUE, "det J"
+    )
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "phantom to patient")
+    nodes.setRegistrationReferences(transform, fixed, None, {"affine_determinant": ORGANS_AFFINE_DETERMINANT})
+    transform.SetNodeReferenceID(nodes.JACOBIAN_REFERENCE, jacobian.GetID())
+    # the phantom's own organs on a coarser grid: body 6x6x6 voxels of 3 mm, lung 2x2x2
+    phantomOrgans = np.zeros((10, 10, 10), np.int16)
+    phantomOrgans[2:8, 2:8, 2:8] = 1
+    phantomOrgans[4:6, 4:6, 4:6] = 2
+    phantomLabelmap = makeVolume(
+        scene, phantomOrgans, (3.0, 3.0, 3.0), name="phantom", className="vtkMRMLLabelMapVolumeNode"
+    )
+    phantom = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom organs")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(phantomLabelmap, phantom)
+    for index, name in enumerate(("body", "lung")):
+        phantom.GetSegmentation().GetNthSegment(index).SetName(name)
+    return {
+        "fixed": fixed,
+        "organs": organs,
+        "segmentation": segmentation,
+        "transform": transform,
+        "phantom": phantom,
+        "phantomVolume": phantomLabelmap,
+    }

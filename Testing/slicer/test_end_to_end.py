@@ -121,6 +121,9 @@ def test_register_nodes_with_the_real_backend(scene, tmp_path):
     assert (warpedLabels == expectedLabels)[interior].mean() > 0.97
     jacobian = slicer.util.arrayFromVolume(result.outputJacobian)
     assert jacobian.shape == SHAPE and abs(float(np.median(jacobian)) - 1.0) < 0.1
+    # the transform knows its run: what "Export for simulation" finds from it
+    assert result.outputTransform.GetNodeReference(nodes.JACOBIAN_REFERENCE) is result.outputJacobian
+    assert result.outputTransform.GetNodeReference(nodes.FIXED_VOLUME_REFERENCE) is fixed
 
     # Exporting the transform from Slicer and warping with the backend's `apply` agrees too.
     fieldPath = nodes.exportTransformToDisplacementFile(result.outputTransform, str(tmp_path / "field.nii.gz"))

@@ -74,6 +74,8 @@ def test_parameter_bindings_match_the_parameter_node():
             assert cls == "QSpinBox", (parameter, cls)
         elif annotation == "bool":
             assert cls == "QCheckBox", (parameter, cls)
+        elif annotation == "str":
+            assert cls == "QLineEdit", (parameter, cls)
         elif annotation.startswith("Annotated[str, Choice("):
             assert cls == "QComboBox", (parameter, cls)
         else:

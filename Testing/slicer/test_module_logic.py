@@ -166,6 +166,35 @@ def test_logic_settings_presets_and_summary_text(module):
     )
 
 
+def test_logic_exports_for_simulation_with_the_panel_choices(module, tmp_path):
+    from mrmlhelpers import simulationResultNodes
+
+    nodes = simulationResultNodes(slicer.mrmlScene)
+    logic = module.CNNRegistrationLogic()
+    parameters = logic.getParameterNode()
+    parameters.outputTransform = nodes["transform"]
+    parameters.movingLabels = None
+    parameters.simulationOrgans = nodes["segmentation"]
+    parameters.simulationCT = nodes["fixed"]
+    parameters.simulationEnergies = "140, 208"
+    parameters.simulationInterfile = True
+    out = tmp_path / "sim"
+    export = logic.exportForSimulation(parameters, str(out))
+    assert export.record["energies_kev"] == [140.0, 208.0] and export.record["formats"] == ["nifti", "interfile"]
+    for name in ("mu_ct_140keV.nii.gz", "mu_ct_208keV.h33", "mu_ct_208keV.i33", "organs.ctbl"):
+        assert (out / name).is_file(), name
+    # the panel replaces its own earlier export, never a folder of the user's
+    parameters.simulationCT = None
+    assert logic.exportForSimulation(parameters, str(out)).record["energies_kev"] == [140.0, 208.0]
+    assert not (out / "mu_ct_140keV.nii.gz").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(module.simulation.SimulationExportError, match="notes.txt"):
+        logic.exportForSimulation(parameters, str(out))
+    parameters.simulationEnergies = "140 keV"
+    with pytest.raises(module.simulation.SimulationExportError, match="'keV' is not a number"):
+        logic.exportForSimulation(parameters, str(tmp_path / "other"))
+
+
 def backendImportable() -> bool:
     completed = subprocess.run(
         [sys.executable, "-c", "import cnnreg.cli"], env=process.backendEnvironment(), capture_output=True, timeout=120
