@@ -2,12 +2,13 @@
 
 Commands: ``register`` (two images -> warped image, displacement field, Jacobian, summary,
 QC picture) and ``apply`` (warp any image with an exported field); further commands
-(``evaluate``, ``atlas``, ``train``) are added by their modules when present.
+(``evaluate``, ``atlas``, ``train``, ``simulation-inputs``) live in their own modules, each
+imported only when its command runs, so that ``--help`` and argument errors never load torch.
 
-Progress (``register``): one JSON object per line on standard output (``--progress jsonl``,
-the default), events ``start``, ``progress`` (stage, iteration, iterations, fraction 0..1,
+Progress (``register``): in a terminal a bar and a summary; one JSON object per line on
+standard output when it is piped or with ``--progress jsonl``, events ``start``, ``progress`` (stage, iteration, iterations, fraction 0..1,
 loss, similarity_loss, regularization), ``done`` (with the summary) or ``error`` (message);
-plus a progress bar on standard error when it is a terminal.
+plus the bar on standard error whenever that is a terminal.
 
 Exit codes: 0 success, 2 bad input, 3 device problem, 4 numerical failure, 130 cancelled.
 """
@@ -35,12 +36,13 @@ from .settings import (
     settings_from_args,
 )
 
-#: further commands: name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+#: further commands: name -> (module exposing ``add_arguments(parser)`` and ``run(args) -> int``,
+#: the help line); a module is imported only when its command runs (some import torch)
 PLUGIN_COMMANDS = {
-    "evaluate": "cnnreg.evaluate_cli",
-    "atlas": "cnnreg.atlas",
-    "train": "cnnreg.train_cli",
-    "simulation-inputs": "cnnreg.simulation",
+    "evaluate": ("cnnreg.evaluate_cli", "score registration results against label maps (Dice, HD95, folding, TRE)"),
+    "atlas": ("cnnreg.atlas", "build an unbiased average image and probabilistic label atlas from many subjects"),
+    "train": ("cnnreg.train_cli", "train a learned registration network from image files"),
+    "simulation-inputs": ("cnnreg.simulation", "organ, activity and attenuation maps for a SPECT/PET simulator"),
 }
 
 
@@ -129,6 +131,7 @@ def _register_into(args: argparse.Namespace, out_dir: str, claim, report: Progre
     result = register(
         fixed, moving, settings, moving_labels=labels, fixed_mask=mask, callback=report, keep_failed=args.keep_failed
     )
+    result.summary["provenance"] = _provenance(args, settings, len(fixed_size))
     paths = write_result(result, out_dir, qc=not args.no_qc, claim=claim)
     if result.summary.get("failed"):  # --keep-failed: the results are written, the run still failed
         raise FloatingPointError(f"the registration failed: {result.summary['failed']}; results kept in {out_dir}")
@@ -145,6 +148,42 @@ def _register_into(args: argparse.Namespace, out_dir: str, claim, report: Progre
                 file=sys.stderr,
             )
     return 0
+
+
+def _provenance(args: argparse.Namespace, settings, ndim: int) -> dict:
+    """What made a result: the command line, each input file with its SHA-256, the versions of
+    cnnreg, torch, SimpleITK, numpy and Python, and for the learned modes the weights' SHA-256."""
+    import platform
+
+    import numpy
+    import SimpleITK
+    import torch
+
+    from . import __version__
+    from .checkpoint import file_sha256
+    from .settings import Mode
+
+    inputs = {"fixed": args.fixed, "moving": args.moving, "moving_labels": args.moving_labels}
+    inputs["fixed_mask"] = args.fixed_mask
+    record = {
+        "command_line": ["cnnreg", *args.argv],
+        "inputs": {
+            role: {"path": os.path.abspath(path), "sha256": file_sha256(path)} for role, path in inputs.items() if path
+        },
+        "versions": {
+            "cnnreg": __version__,
+            "torch": torch.__version__,
+            "SimpleITK": SimpleITK.Version.VersionString(),
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if settings.mode in (Mode.LEARNED, Mode.LEARNED_REFINE):
+        from .learned import shipped_model_path
+
+        weights = settings.model or shipped_model_path(ndim)
+        record["weights"] = {"path": os.path.abspath(weights), "sha256": file_sha256(weights)}
+    return record
 
 
 def _add_apply_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +263,10 @@ def _run_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and ``{command: run}``. With ``argv`` only the command named there is fully
+    built (so ``--help`` and argument errors of the others never import torch); without it, all."""
+    chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="cnnreg", description="Deformable image registration with CNNs (CPU/GPU, 2D/3D)."
     )
@@ -242,14 +284,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     )
     _add_apply_arguments(apply_parser)
     runners["apply"] = _run_apply
-    for name, module_name in PLUGIN_COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:
-                continue
-            raise
-        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+    for name, (module_name, help_line) in PLUGIN_COMMANDS.items():
+        sub = commands.add_parser(name, help=help_line)
+        if argv is not None and name != chosen:
+            continue  # listed in the help; built only when it is the command
+        module = importlib.import_module(module_name)
         module.add_arguments(sub)
         sub.formatter_class = DefaultsHelpFormatter  # every default shown (descriptions kept as written)
         runners[name] = module.run
@@ -263,13 +302,16 @@ def _raise_keyboard_interrupt(signum, frame):
 def main(argv: list[str] | None = None, handle_signals: bool = False) -> int:
     """Run one command; returns the exit code.  ``handle_signals`` (programs only, main
     thread) turns SIGTERM and SIGHUP into a clean cancel, as Ctrl-C is."""
-    parser, runners = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, runners = build_parser(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for the results' provenance
     if handle_signals:  # a closed terminal (SIGHUP) cancels cleanly too, as SIGTERM and Ctrl-C do
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), _raise_keyboard_interrupt)
-    progress_jsonl = getattr(args, "progress", "none") in ("auto", "jsonl")
+    style = getattr(args, "progress", "none")
+    progress_jsonl = style == "jsonl" or (style == "auto" and not sys.stdout.isatty())
 
     def fail(code: int, message: str) -> int:
         if progress_jsonl:

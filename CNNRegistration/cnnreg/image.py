@@ -268,6 +268,20 @@ def working_size(size: Sequence[int], spacing: Sequence[float], working_spacing:
     )
 
 
+def budget_spacing(size: Sequence[int], spacing: Sequence[float], max_voxels: int) -> float:
+    """The finest isotropic working spacing (mm, a multiple of 0.05 mm) whose working grid (see
+    :func:`working_size`) holds at most ``max_voxels``; 0 when the image's own grid does or
+    ``max_voxels`` is 0 (no limit)."""
+    if not max_voxels or math.prod(size) <= max_voxels:
+        return 0.0
+    extent = math.prod(max((n - 1) * s, s) for n, s in zip(size, spacing))
+    candidate = max(min(spacing), (extent / max_voxels) ** (1.0 / len(size)))
+    candidate = math.ceil(candidate / 0.05 - 1e-9) * 0.05
+    while math.prod(working_size(size, spacing, candidate)) > max_voxels:
+        candidate += 0.05
+    return round(candidate, 2)
+
+
 def working_grid(image: sitk.Image, working_spacing: float) -> sitk.Image | None:
     """The grid (an empty float32 image: same origin and direction) on which a registration with
     ``working_spacing`` (mm) runs, or None when it is ``image``'s own grid (see :func:`working_size`)."""

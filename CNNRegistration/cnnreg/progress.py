@@ -22,8 +22,9 @@ class ProgressReporter:
     def __init__(self, style: str = "auto", stream=None, bar_stream=None):
         self.stream = stream or sys.stdout
         self.bar_stream = bar_stream or sys.stderr
-        self.jsonl = style in ("auto", "jsonl")
-        self.bar = style == "bar" or (style == "auto" and self.bar_stream.isatty())
+        # in a terminal a bar and a human summary; JSON lines for programs (piped, or asked for)
+        self.jsonl = style == "jsonl" or (style == "auto" and not _isatty(self.stream))
+        self.bar = style == "bar" or (style == "auto" and _isatty(self.bar_stream))
         self.started = time.perf_counter()
 
     def __call__(self, event: dict) -> None:
@@ -43,13 +44,21 @@ class ProgressReporter:
             self.bar_stream.write("\n")
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream: treat as a pipe
+        return False
+
+
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     """``--progress`` of every command that reports progress (read by :class:`ProgressReporter`)."""
     parser.add_argument(
         "--progress",
         default="auto",
         choices=PROGRESS_STYLES,
-        help="JSON lines on standard output and/or a bar on standard error (auto: both, the bar on a terminal)",
+        help="JSON lines on standard output and/or a bar on standard error (auto: in a terminal a bar and a "
+        "summary, JSON lines when standard output is piped)",
     )
 
 

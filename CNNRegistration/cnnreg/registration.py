@@ -94,6 +94,12 @@ def estimate_memory_bytes(
     return int(BASELINE_BYTES + per_voxel * working_voxels + OUTPUT_BYTES_PER_VOXEL * fixed_voxels + 16 * moving_voxels)
 
 
+def working_spacing(settings: RegistrationSettings, size: Sequence[int], spacing: Sequence[float]) -> float:
+    """The working spacing (mm) of a run on a fixed image of ``size`` voxels of ``spacing`` mm: the
+    one set, or the coarser one the voxel budget ``max_working_voxels`` needs (0 = the fixed grid)."""
+    return max(settings.working_spacing, im.budget_spacing(size, spacing, settings.max_working_voxels))
+
+
 def check_memory(
     fixed_size: Sequence[int],
     moving_size: Sequence[int],
@@ -107,14 +113,15 @@ def check_memory(
     from .device import available_memory_bytes
 
     spacing = fixed_spacing if fixed_spacing is not None else (1.0,) * len(fixed_size)
-    working = im.working_size(fixed_size, spacing, settings.working_spacing)
+    chosen = working_spacing(settings, fixed_size, spacing)
+    working = im.working_size(fixed_size, spacing, chosen)
     features = settings.optimization.features
     needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode, working, features)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
         advice = "crop or resample the images"
         for candidate in (1.5, 2.0, 3.0, 4.0, 6.0):  # the finest working spacing that fits, if any
-            if candidate > settings.working_spacing and fixed_spacing is not None:
+            if candidate > chosen and fixed_spacing is not None:
                 size = im.working_size(fixed_size, spacing, candidate)
                 if estimate_memory_bytes(fixed_size, moving_size, settings.mode, size, features) < available:
                     advice = (
@@ -290,7 +297,7 @@ def register(
     start = time.perf_counter()
 
     # the grid the field is estimated on: the fixed grid, or a coarser one over the same extent
-    grid = im.working_grid(fixed, settings.working_spacing)
+    grid = im.working_grid(fixed, working_spacing(settings, fixed.GetSize(), fixed.GetSpacing()))
     fixed_work = im.resample_smoothed(fixed, grid) if grid is not None else fixed
     background = im.background_value(moving, settings.normalization)
     pre_transform = None

@@ -490,7 +490,7 @@ class RegistrationSettings:
 
     mode: Mode = _option(
         Mode.INSTANCE,
-        "instance: the displacement field is optimised (the most accurate on CPU); phantom: a CNN is "
+        "instance: the displacement field is optimised directly; phantom: a CNN is "
         "optimised on this pair (no training data); learned / learned-refine: shipped network weights",
     )
     optimization: OptimizationSettings = dataclasses.field(default_factory=OptimizationSettings)
@@ -509,6 +509,13 @@ class RegistrationSettings:
         "register on an isotropic grid of this spacing (mm) over the fixed image's extent, with the field returned "
         "on the fixed grid; axes already coarser keep their spacing; 0 = the fixed image's own grid",
         Number(float, 0),
+    )
+    max_working_voxels: int = _option(
+        2**21,
+        "the largest grid the field is estimated on (voxels): a fixed image with more voxels is registered on "
+        "the finest isotropic working grid within this many (the field still returned on the fixed grid); "
+        "0 = no limit",
+        Number(int, 0),
     )
     model: str | None = _option(None, "learned modes: weights file (default: the shipped weights)")
     refine_iterations: int | Sequence[int] = _option(

@@ -113,6 +113,27 @@ def cli_run(inputs, tmp_path_factory, subprocess_env):
 # --------------------------------------------------------------------------------------
 
 
+def test_summary_records_what_made_the_result(cli_run, inputs):
+    """Provenance: the command line, every input with its SHA-256 (the file's bytes), versions."""
+    import hashlib
+
+    import SimpleITK
+
+    assert cli_run["completed"].returncode == 0, cli_run["completed"].stderr
+    provenance = json.loads((cli_run["out"] / "summary.json").read_text())["provenance"]
+    assert provenance["command_line"][:2] == ["cnnreg", "register"] and "--fixed" in provenance["command_line"]
+    fixed = inputs["fixed.nii.gz"]
+    with open(fixed, "rb") as handle:
+        assert provenance["inputs"]["fixed"] == {
+            "path": os.path.abspath(fixed),
+            "sha256": hashlib.sha256(handle.read()).hexdigest(),
+        }
+    assert set(provenance["inputs"]) == {"fixed", "moving", "moving_labels"}
+    assert provenance["versions"]["torch"] == torch.__version__
+    assert provenance["versions"]["SimpleITK"] == SimpleITK.Version.VersionString()
+    assert "weights" not in provenance  # phantom mode uses no shipped weights
+
+
 def test_register_writes_all_six_outputs(cli_run):
     completed = cli_run["completed"]
     assert completed.returncode == 0, completed.stderr
@@ -1104,3 +1125,60 @@ def test_a_mount_point_as_out_is_refused_before_any_work(inputs, tmp_path, capsy
     monkeypatch.setattr(cnnreg.outputs.os.path, "ismount", lambda path: str(path) == str(mount) or real(path))
     assert main(_register_args(inputs, mount, *FAST, "--progress", "none")) == 2
     assert "is a mount point" in capsys.readouterr().err and list(mount.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--help"], ["register", "--help"], ["simulation-inputs", "--help"], ["register", "--fixed", "f.nii"]],
+)
+def test_help_and_argument_errors_leave_torch_unimported(arguments):
+    """The parser builds only the command it runs: help and usage errors answer without loading
+    torch (seconds on a cold disk)."""
+    probe = (
+        "import sys\nfrom cnnreg.cli import main\n"
+        f"try:\n    main({arguments!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.split()[-2:] == ["NO-TORCH", "2" if "--fixed" in arguments else "0"], completed.stderr
+
+
+def test_a_terminal_gets_a_bar_and_a_summary_not_json(tmp_path, subprocess_env):
+    """``register`` on a pseudo-terminal (the default --progress auto): a progress bar and a
+    one-line human summary, no JSON lines; piped, the same run writes JSON lines."""
+    import pty
+    import select
+
+    def command_into(out):
+        arguments = _sample_args(out, "--iterations", "2,2,2")
+        at = arguments.index("--progress")
+        return [sys.executable, "-m", "cnnreg", *arguments[:at], *arguments[at + 2 :]]
+
+    out = tmp_path / "tty"
+    command = command_into(out)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(command, stdout=terminal, stderr=terminal, env=subprocess_env, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([controller], [], [], 300)
+        if not ready:
+            process.kill()
+            break
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(controller)
+    assert process.wait(timeout=60) == 0
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert '{"event"' not in text, text[-2000:]
+    assert "%" in text and " it " in text  # the bar
+    assert "registered in" in text and f"results in {out}" in text and "->" in text
+    piped = subprocess.run(
+        command_into(tmp_path / "piped"), capture_output=True, text=True, env=subprocess_env, timeout=300
+    )
+    assert piped.returncode == 0 and '"event": "done"' in piped.stdout

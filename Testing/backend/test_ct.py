@@ -9,6 +9,8 @@ proportions on its own isotropic grid, in its own coordinates 400 mm away, as re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -143,9 +145,23 @@ def test_background_of_a_ct_is_its_air_not_zero_hu():
     assert im.background_value(ct, Normalization.MAX) == 0.0
 
 
-def test_translation_recovered_through_a_working_grid(synth):
-    """A known translation in mm on an oblique grid of 1 x 1 x 2.5 mm, registered on a 2.5 mm
-    working grid: the field comes back on the fixed grid and equals the shift within 0.3 mm."""
+def test_budget_spacing_is_the_finest_grid_within_the_voxel_budget():
+    budget = RegistrationSettings().max_working_voxels
+    for size, spacing in (((197, 233, 189), (1.0, 1.0, 1.0)), ((512, 512, 133), (0.703125, 0.703125, 2.5))):
+        chosen = im.budget_spacing(size, spacing, budget)
+        assert math.prod(im.working_size(size, spacing, chosen)) <= budget
+        assert math.prod(im.working_size(size, spacing, chosen - 0.05)) > budget  # the finest such
+    assert im.budget_spacing((197, 233, 189), (1.0,) * 3, budget) == 1.65  # MNI152 at 1 mm: 1.65 mm
+    # the benchmark's brain cases (at most 128^3 voxels) keep their own grid; 0 = no limit
+    assert im.budget_spacing((128, 128, 128), (1.5,) * 3, budget) == 0.0
+    assert im.budget_spacing((512, 512, 133), (0.703125, 0.703125, 2.5), 0) == 0.0
+
+
+@pytest.mark.parametrize("grid", [{"working_spacing": 2.5}, {"max_working_voxels": 9000}])
+def test_translation_recovered_through_a_working_grid(synth, grid):
+    """A known translation in mm on an oblique grid of 1 x 1 x 2.5 mm, registered on a working
+    grid (a 2.5 mm spacing, or the finest within 9000 voxels: 2.65 mm): the field comes back on
+    the fixed grid and equals the shift within 0.3 mm."""
     direction = synth.rotation_matrix((1.0, 2.0, 3.0), 20.0)
     size, spacing, origin = (56, 52, 20), (1.0, 1.0, 2.5), (-20.0, 11.0, 4.0)
     points = _grid_points(size, spacing, origin, direction)
@@ -161,14 +177,13 @@ def test_translation_recovered_through_a_working_grid(synth):
         synth.gaussian_blobs(points - shift, centres, widths, amplitudes).astype(np.float32), spacing, origin, direction
     )
     settings = RegistrationSettings(
-        device="cpu",
-        working_spacing=2.5,
-        optimization=OptimizationSettings(similarity="mse", levels=2, iterations=(60, 100)),
+        device="cpu", optimization=OptimizationSettings(similarity="mse", levels=2, iterations=(60, 100)), **grid
     )
     result = register(fixed, moving, settings)
     assert result.displacement.GetSize() == fixed.GetSize()
     assert result.warped.GetSize() == fixed.GetSize() and result.jacobian.GetSize() == fixed.GetSize()
-    assert result.summary["working_grid"]["size"] == list(im.working_size(size, spacing, 2.5))
+    expected = 2.5 if "working_spacing" in grid else 2.65
+    assert result.summary["working_grid"]["size"] == list(im.working_size(size, spacing, expected))
     field = sitk.GetArrayFromImage(result.displacement)
     f = sitk.GetArrayFromImage(fixed)
     inside = f > 0.3 * f.max()
@@ -181,9 +196,11 @@ def test_memory_refusal_names_a_working_grid_that_fits(monkeypatch):
     import cnnreg.device
 
     monkeypatch.setattr(cnnreg.device, "available_memory_bytes", lambda: 8 * 2**30)
-    settings = RegistrationSettings(device="cpu")
+    settings = RegistrationSettings(device="cpu", max_working_voxels=0)  # the CT's own grid
     with pytest.raises(DeviceError, match=r"--working-spacing (1\.5|2|3)\b.*working grid"):
         check_memory((512, 512, 133), (128, 128, 128), settings, (0.703125, 0.703125, 2.5))
+    # by default the voxel budget puts it on a ~2.8 mm working grid, which fits
+    assert check_memory((512, 512, 133), (128, 128, 128), RegistrationSettings(device="cpu"), (0.703125,) * 2 + (2.5,))
     # with the preset's 3 mm working grid the same CT fits in 4 GiB
     needed = check_memory((512, 512, 133), (128, 128, 128), preset_settings("phantom-to-ct"), (0.703125, 0.703125, 2.5))
     assert needed < 4 * 2**30

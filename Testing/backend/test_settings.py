@@ -153,3 +153,28 @@ def test_number_and_schedule_checks():
     assert "finite" in Number(float).problem(float("nan"))
     assert Schedule()("30,15") == [30, 15] and Schedule()("7") == 7
     assert "integers >= 0" in Schedule().problem([1, -2])
+
+
+def test_the_defaults_the_readme_states_are_the_settings():
+    """Where the README names a default in a form a program can read, it is cnnreg.settings'."""
+    import re
+    from pathlib import Path
+
+    from cnnreg.settings import DEFAULT_INTERPOLATION, DEFAULT_ITERATIONS, Mode, OptimizationSettings
+
+    text = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").split())
+    stated = re.search(r"Iterations per level default to ([\d,]+) \(instance\) and ([\d,]+) \(phantom\)", text)
+    assert stated, "the README no longer states the iterations per level"
+    assert stated.group(1) == ",".join(map(str, DEFAULT_ITERATIONS[Mode.INSTANCE]))
+    assert stated.group(2) == ",".join(map(str, DEFAULT_ITERATIONS[Mode.PHANTOM]))
+    budget = re.search(r"`--max-working-voxels N` \(a fixed image of more than N voxels, default 2\^(\d+)", text)
+    assert budget and 2 ** int(budget.group(1)) == RegistrationSettings().max_working_voxels
+    defaults = OptimizationSettings()
+    assert f"folding-penalty weight {defaults.jacobian_weight:g}" in text
+    assert f"{','.join(map(str, DEFAULT_ITERATIONS[Mode.INSTANCE]))} iterations" in text.replace("/", ",")
+    cubic = sorted(m.value for m, i in DEFAULT_INTERPOLATION.items() if i.value == "cubic")
+    assert "cubic for instance, learned-refine and phantom" in text and cubic == [
+        "instance",
+        "learned-refine",
+        "phantom",
+    ]

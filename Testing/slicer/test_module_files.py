@@ -115,8 +115,24 @@ def test_cmake_lists_every_python_file_and_resource():
     top = open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8").read()
     assert 'EXTENSION_DEPENDS "PyTorch"' in top and 'EXTENSION_CATEGORY "Registration"' in top
     assert "add_subdirectory(CNNRegistration)" in top
+    # the icon and screenshot URLs point at files of this repository (main branch)
+    for url in re.findall(r'"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^"]+)"', top):
+        assert os.path.isfile(os.path.join(ROOT, url)), url
+    assert len(re.findall(r"raw\.githubusercontent", top)) == 2
+    assert "MIT License" in open(os.path.join(ROOT, "LICENSE"), encoding="utf-8").read()
     testing = open(os.path.join(ROOT, "Testing", "Python", "CMakeLists.txt"), encoding="utf-8").read()
     assert "slicer_add_python_unittest" in testing and "CNNRegistration.py" in testing
+
+
+def test_the_interpolation_tooltip_states_each_modes_default():
+    from cnnreg.settings import DEFAULT_INTERPOLATION
+
+    tip = uiWidgets()["interpolationComboBox"][1]["toolTip"]
+    stated = re.search(r"cubic B-spline for ([\w ,-]+); linear for ([\w ,-]+)\)", tip)
+    assert stated, tip
+    for interpolation, text in zip(("cubic", "linear"), stated.groups()):
+        modes = {m.strip() for m in re.split(r",| and ", text) if m.strip()}
+        assert modes == {m.value for m, i in DEFAULT_INTERPOLATION.items() if i.value == interpolation}, tip
 
 
 def test_icon_is_128_pixels():
