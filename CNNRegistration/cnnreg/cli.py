@@ -43,6 +43,7 @@ PLUGIN_COMMANDS = {
     "atlas": ("cnnreg.atlas", "build an unbiased average image and probabilistic label atlas from many subjects"),
     "train": ("cnnreg.train_cli", "train a learned registration network from image files"),
     "simulation-inputs": ("cnnreg.simulation", "organ, activity and attenuation maps for a SPECT/PET simulator"),
+    "batch": ("cnnreg.batch", "register a cohort of pairs on Dask (a local cluster, a scheduler, SLURM or PBS)"),
 }
 
 

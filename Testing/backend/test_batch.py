@@ -1,0 +1,151 @@
+"""``cnnreg batch`` on a real Dask LocalCluster (two worker processes on 127.0.0.1, tiny pairs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+distributed = pytest.importorskip("distributed")
+
+from cnnreg import batch  # noqa: E402
+from cnnreg.cli import main  # noqa: E402
+
+METHOD = [
+    "--mode",
+    "instance",
+    "--similarity",
+    "mse",
+    "--levels",
+    "2",
+    "--iterations",
+    "40,40",
+    "--no-qc",
+    "--seed",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, synth):
+    """Three moving images (shifted blobs with labels) onto one fixed image, and a pairs CSV."""
+    folder = tmp_path_factory.mktemp("cohort")
+    geometry = dict(spacing=(1.2, 1.0, 1.5), origin=(-8.0, 3.0, 1.0))
+    fixed = synth.blob_array((14, 16, 15), seed=5)
+
+    def labels_of(array):
+        return (array > 0.4 * array.max()).astype(np.uint8)
+
+    sitk.WriteImage(synth.make_image(fixed, **geometry), str(folder / "fixed.nii.gz"))
+    sitk.WriteImage(synth.make_image(labels_of(fixed), **geometry), str(folder / "fixed_labels.nii.gz"))
+    rows = []
+    for index, shift in enumerate([(1, 0, 0), (0, 1, -1), (-1, 0, 1)]):
+        moving = np.roll(fixed, shift, axis=(0, 1, 2))
+        sitk.WriteImage(synth.make_image(moving, **geometry), str(folder / f"moving{index}.nii.gz"))
+        sitk.WriteImage(synth.make_image(labels_of(moving), **geometry), str(folder / f"labels{index}.nii.gz"))
+        rows.append(f"fixed.nii.gz,moving{index}.nii.gz,labels{index}.nii.gz,fixed_labels.nii.gz,subject{index}")
+    (folder / "pairs.csv").write_text("fixed,moving,moving_labels,fixed_labels,name\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+    with distributed.Client(cluster) as connected:
+        yield connected
+    cluster.close()
+
+
+def test_every_pair_is_registered_verified_and_a_rerun_skips_them(cohort, client, tmp_path):
+    pairs = batch.read_pairs(cohort / "pairs.csv")
+    assert [p["name"] for p in pairs] == ["subject0", "subject1", "subject2"]
+    out = str(tmp_path / "batch")
+    os.makedirs(out)
+    events = []
+    rows = batch.run_batch(client, pairs, out, METHOD, threads=1, report=events.append)
+    assert [r["status"] for r in rows] == ["done"] * 3, rows
+    from cnnreg.evaluate import dice_per_label
+
+    fixed_labels = sitk.ReadImage(str(cohort / "fixed_labels.nii.gz"))
+    for row, pair in zip(rows, pairs):
+        assert row["similarity_after"] < 0.5 * row["similarity_before"]  # MSE at least halved
+        before = dice_per_label(fixed_labels, sitk.ReadImage(pair["moving_labels"]))[1]
+        assert row["dice_mean"] > before + 0.05 and row["folding_percent"] < 0.01, (row, before)
+        assert batch.finished_summary(next(p for p in pairs if p["name"] == row["name"]), row["out"]) is not None
+    assert events[-1]["done"] == 3 and events[-1]["failed"] == 0
+    with open(os.path.join(out, "batch.csv"), encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [t["status"] for t in table] == ["done"] * 3
+    # a rerun: nothing is registered again
+    mtimes = {r["name"]: os.path.getmtime(os.path.join(r["out"], "displacement.nii.gz")) for r in rows}
+    again = batch.run_batch(client, pairs, out, METHOD, threads=1)
+    assert [r["status"] for r in again] == ["skipped"] * 3
+    assert all(os.path.getmtime(os.path.join(r["out"], "displacement.nii.gz")) == mtimes[r["name"]] for r in again)
+    # a changed input is not "done": its pair runs again
+    sitk.WriteImage(sitk.ReadImage(str(cohort / "moving2.nii.gz")), str(tmp_path / "moving2_copy.nrrd"))
+    changed = [dict(pairs[2], moving=str(tmp_path / "moving2_copy.nrrd"))]
+    assert batch.run_batch(client, changed, out, METHOD, threads=1)[0]["status"] == "done"
+
+
+def test_the_same_pair_gives_the_serial_register_result(cohort, client, tmp_path):
+    pair = batch.read_pairs(cohort / "pairs.csv")[1]
+    out = str(tmp_path / "batch")
+    os.makedirs(out)
+    [row] = batch.run_batch(client, [pair], out, METHOD, threads=1)
+    serial = str(tmp_path / "serial")
+    assert main(batch.register_arguments(pair, serial, METHOD, threads=1)) == 0
+    by_batch = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(row["out"], "displacement.nii.gz")))
+    by_register = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(serial, "displacement.nii.gz")))
+    np.testing.assert_array_equal(by_batch, by_register)
+
+
+def test_a_pair_whose_worker_is_killed_is_rescheduled_and_completes(cohort, client, tmp_path):
+    pair = dict(batch.read_pairs(cohort / "pairs.csv")[0], options="--iterations 400")
+    out = str(tmp_path / "batch")
+    os.makedirs(out)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(rows=batch.run_batch(client, [pair], out, METHOD, 1)))
+    runner.start()
+    deadline = time.time() + 60
+    victim = None
+    while victim is None and time.time() < deadline:
+        busy = [worker for worker, keys in client.processing().items() if keys]
+        victim = busy[0] if busy else None
+        time.sleep(0.2)
+    assert victim is not None, "the pair never started"
+    time.sleep(1.0)  # mid-registration
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    [row] = result["rows"]
+    assert row["status"] == "done", row
+    assert batch.finished_summary(pair, row["out"]) is not None
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker for the next tests
+
+
+def test_the_command_records_a_bad_pair_alone_and_says_so(cohort, tmp_path, capsys):
+    (tmp_path / "nan.nii.gz").write_bytes(b"not an image")
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving,name\n"
+        f"{cohort / 'fixed.nii.gz'},{cohort / 'moving0.nii.gz'},subject0\n"
+        f"{cohort / 'fixed.nii.gz'},{tmp_path / 'nan.nii.gz'},broken\n"
+    )
+    out = tmp_path / "cohort"
+    arguments = ["batch", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out), "--workers", "2", "--threads", "1"]
+    code = main([*arguments, *METHOD, "--progress", "none", "--dashboard", "none"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    table = {row["name"]: row for row in json.loads((out / "batch.json").read_text())["pairs"]}
+    assert table["subject0"]["status"] == "done" and table["broken"]["status"] == "failed"
+    assert "nan.nii.gz" in table["broken"]["message"] and "broken failed" in err
+    assert not (out / "broken" / "summary.json").exists()
