@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -296,6 +297,7 @@ def connect(args: argparse.Namespace, pairs: Sequence[dict], method_settings):
         processes=True,
         dashboard_address=None if args.dashboard in ("", "none") else args.dashboard,
         host="127.0.0.1",
+        silence_logs=logging.WARNING,  # the scheduler's INFO lines would bury the progress
     )
     return Client(cluster), cluster, threads
 
