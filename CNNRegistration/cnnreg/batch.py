@@ -97,16 +97,11 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
 
 
 def _images_in(folder: str) -> list[str]:
+    from .dataset import expand_paths  # the folder listing `atlas` and `train` use
+
     if not os.path.isdir(folder):
         raise InputError(f"{folder} is not a folder")
-    images = sorted(
-        os.path.join(folder, n)
-        for n in os.listdir(folder)
-        if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
-    )
-    if not images:
-        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return images
+    return expand_paths([folder])
 
 
 def pairs_from_arguments(args: argparse.Namespace) -> list[dict]:

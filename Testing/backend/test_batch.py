@@ -149,3 +149,41 @@ def test_the_command_records_a_bad_pair_alone_and_says_so(cohort, tmp_path, caps
     assert table["subject0"]["status"] == "done" and table["broken"]["status"] == "failed"
     assert "nan.nii.gz" in table["broken"]["message"] and "broken failed" in err
     assert not (out / "broken" / "summary.json").exists()
+
+
+def test_the_two_shorthands_and_bad_pair_files(cohort, tmp_path):
+    import argparse
+
+    from cnnreg.errors import InputError
+
+    def args(**given):
+        base = dict(pairs=None, moving=None, moving_labels=None, fixed_folder=None, fixed=None, moving_folder=None)
+        return argparse.Namespace(**{**base, **given})
+
+    subjects = tmp_path / "subjects"
+    subjects.mkdir()
+    for index in range(2):
+        (subjects / f"sub-0{index}.nii.gz").write_bytes((cohort / f"moving{index}.nii.gz").read_bytes())
+    (subjects / "notes.txt").write_text("not an image")
+    to_template = batch.pairs_from_arguments(args(fixed=str(cohort / "fixed.nii.gz"), moving_folder=str(subjects)))
+    assert [p["name"] for p in to_template] == ["sub-00", "sub-01"]
+    assert {p["fixed"] for p in to_template} == {str(cohort / "fixed.nii.gz")}
+    phantom = batch.pairs_from_arguments(
+        args(
+            moving=str(cohort / "moving0.nii.gz"),
+            moving_labels=str(cohort / "labels0.nii.gz"),
+            fixed_folder=str(subjects),
+        )
+    )
+    assert [(p["name"], p["moving_labels"]) for p in phantom] == [
+        ("sub-00", str(cohort / "labels0.nii.gz")),
+        ("sub-01", str(cohort / "labels0.nii.gz")),
+    ]
+    with pytest.raises(InputError, match="give one of"):
+        batch.pairs_from_arguments(args(pairs="x.csv", fixed_folder=str(subjects)))
+    (tmp_path / "bad.csv").write_text("fixed,image\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(InputError, match="needs the columns fixed and moving"):
+        batch.read_pairs(tmp_path / "bad.csv")
+    (tmp_path / "twice.csv").write_text("fixed,moving,name\na.nii.gz,b.nii.gz,x\nc.nii.gz,d.nii.gz,x\n")
+    with pytest.raises(InputError, match="repeated"):
+        batch.read_pairs(tmp_path / "twice.csv")
