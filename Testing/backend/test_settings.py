@@ -156,25 +156,33 @@ def test_number_and_schedule_checks():
 
 
 def test_the_defaults_the_readme_states_are_the_settings():
-    """Where the README names a default in a form a program can read, it is cnnreg.settings'."""
+    """Where the README or the command-line reference names a default in a form a program can
+    read, it is cnnreg.settings'."""
     import re
     from pathlib import Path
 
-    from cnnreg.settings import DEFAULT_INTERPOLATION, DEFAULT_ITERATIONS, Mode, OptimizationSettings
+    from cnnreg.settings import DEFAULT_INTERPOLATION, DEFAULT_ITERATIONS, PRESETS, Mode, OptimizationSettings
 
-    text = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").split())
-    stated = re.search(r"Iterations per level default to ([\d,]+) \(instance\) and ([\d,]+) \(phantom\)", text)
-    assert stated, "the README no longer states the iterations per level"
+    root = Path(__file__).resolve().parents[2]
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    reference = " ".join((root / "docs" / "command-line.md").read_text(encoding="utf-8").split())
+    defaults, budget = OptimizationSettings(), RegistrationSettings().max_working_voxels
+    # the README's option table
+    assert f"`lncc` (default, window {defaults.window} voxels)" in readme
+    assert f"`diffusion` (default, weight {defaults.weight:g})" in readme
+    assert f"images over 2^{budget.bit_length() - 1} voxels get one by default" in readme and budget & (budget - 1) == 0
+    assert f"`--iterations {','.join(map(str, DEFAULT_ITERATIONS[Mode.INSTANCE]))}`" in readme
+    assert re.search(r"`--preset NAME` \| " + ", ".join(f"`{name}`" for name in PRESETS), readme)
+    # the command-line reference
+    stated = re.search(r"Iterations per level default to ([\d,]+) \(instance\) and ([\d,]+) \(phantom\)", reference)
+    assert stated, "docs/command-line.md no longer states the iterations per level"
     assert stated.group(1) == ",".join(map(str, DEFAULT_ITERATIONS[Mode.INSTANCE]))
     assert stated.group(2) == ",".join(map(str, DEFAULT_ITERATIONS[Mode.PHANTOM]))
-    budget = re.search(r"`--max-working-voxels N` \(a fixed image of more than N voxels, default 2\^(\d+)", text)
-    assert budget and 2 ** int(budget.group(1)) == RegistrationSettings().max_working_voxels
-    defaults = OptimizationSettings()
-    assert f"folding-penalty weight {defaults.jacobian_weight:g}" in text
-    assert f"{','.join(map(str, DEFAULT_ITERATIONS[Mode.INSTANCE]))} iterations" in text.replace("/", ",")
+    stated_budget = re.search(
+        r"`--max-working-voxels N` \(a fixed image of more than N voxels, default 2\^(\d+)", reference
+    )
+    assert stated_budget and 2 ** int(stated_budget.group(1)) == budget
+    assert f"folding-penalty weight {defaults.jacobian_weight:g}" in reference
     cubic = sorted(m.value for m, i in DEFAULT_INTERPOLATION.items() if i.value == "cubic")
-    assert "cubic for instance, learned-refine and phantom" in text and cubic == [
-        "instance",
-        "learned-refine",
-        "phantom",
-    ]
+    assert "cubic for instance, learned-refine and phantom" in reference
+    assert cubic == ["instance", "learned-refine", "phantom"]
