@@ -25,7 +25,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from cnnreg.settings import LPS_TO_RAS_SIGNS
+from cnnreg.settings import LPS_TO_RAS_SIGNS, jacobian_rgb
 
 #: Sign flip between LPS and RAS for points and vectors (its own inverse).
 LPS_TO_RAS = np.array(LPS_TO_RAS_SIGNS)
@@ -428,9 +428,9 @@ def resampleThroughTransform(
 
 
 def jacobianColorNode(scene=None):
-    """Diverging colour table for det J shown with window 2 / level 1 (range [0, 2]):
-    blue = contraction, white = 1 (volume kept), green = expansion; the first entry
-    (det J <= 0, i.e. folding; also 0 < det J < 2/255) is pure red. Reused across runs."""
+    """Colour table for det J shown with window 2 / level 1 (range [0, 2]): the backend's
+    :func:`cnnreg.settings.jacobian_rgb` (blue = contraction, white = 1, red = expansion; the
+    first entry, det J <= 0 i.e. folding, yellow), as in ``qc.png``. Reused across runs."""
     scene = scene or slicer.mrmlScene
     existing = scene.GetSingletonNode(JACOBIAN_COLOR_NODE_NAME, "vtkMRMLColorTableNode")
     if existing is not None:
@@ -443,18 +443,10 @@ def jacobianColorNode(scene=None):
     count = 256
     colorNode.SetNumberOfColors(count)
     colorNode.GetLookupTable().SetTableRange(0, count - 1)
-    contraction = np.array([0.13, 0.40, 0.80])
-    expansion = np.array([0.10, 0.55, 0.25])
-    white = np.ones(3)
     for index in range(count):
         value = 2.0 * index / (count - 1)  # det J at this entry
-        if index == 0:
-            rgb, name = np.array([1.0, 0.0, 0.0]), "folding (det J <= 0)"
-        elif value < 1.0:
-            rgb, name = white + (contraction - white) * (1.0 - value), f"det J {value:.3f}"
-        else:
-            rgb, name = white + (expansion - white) * min(value - 1.0, 1.0), f"det J {value:.3f}"
-        colorNode.SetColor(index, name, *rgb, 1.0)
+        name = "folding (det J <= 0)" if index == 0 else f"det J {value:.3f}"
+        colorNode.SetColor(index, name, *jacobian_rgb(value), 1.0)
     scene.AddNode(colorNode)
     return colorNode
 

@@ -1,4 +1,4 @@
-"""Quality-control picture: fixed / moving / warped / checkerboard / det J with folds in red."""
+"""Quality-control picture: fixed / moving / warped / checkerboard / difference / det J (folds yellow)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import to_array, working_axes
+from .settings import JACOBIAN_CONTRACTION_RGB, JACOBIAN_EXPANSION_RGB, JACOBIAN_FOLD_RGB, JACOBIAN_KEPT_RGB
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -32,15 +33,24 @@ def _aspects(image: sitk.Image) -> list[float]:
 
 
 #: colour of folded voxels (det J <= 0): not in the det J colour map, so a fold cannot be read
-#: as strong expansion or contraction
-FOLD_COLOUR = "lime"
+#: as strong expansion or contraction (the Slicer overlay uses the same colours)
+FOLD_COLOUR = JACOBIAN_FOLD_RGB
+#: the plane a slice lies in, by the world (LPS) axis its normal is closest to
+PLANE_NAMES = ("sagittal", "coronal", "axial")
 
 
-def _slice_names(shape: tuple[int, ...]) -> list[str]:
-    if len(shape) == 2:
+def slice_names(image: sitk.Image) -> list[str]:
+    """Names of the three central slices of :func:`_slices` (the planes normal to index axes k,
+    j, i), by the image's direction: axial, coronal or sagittal with the slice index."""
+    if image.GetDimension() == 2 or len(working_axes(image)) == 2:
         return ["2D image"]
-    k, j, i = (n // 2 for n in shape)
-    return [f"k = {k} (array axis 0)", f"j = {j} (array axis 1)", f"i = {i} (array axis 2)"]
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)  # columns: world direction of i, j, k
+    size = image.GetSize()
+    names = []
+    for axis, letter in ((2, "k"), (1, "j"), (0, "i")):
+        plane = PLANE_NAMES[int(np.argmax(np.abs(direction[:, axis])))]
+        names.append(f"{plane} ({letter} = {size[axis] // 2})")
+    return names
 
 
 def qc_figure(
@@ -51,16 +61,17 @@ def qc_figure(
     path: str,
     summary: dict | None = None,
 ) -> None:
-    """Write a PNG grid: one row per orthogonal slice (named by its array axis and index, first
-    remaining axis up), columns fixed, moving (on the fixed grid, before registration), warped,
-    checkerboard fixed|warped (tile borders drawn), det J (purple = contraction, orange =
-    expansion, white = 1; folds, det J <= 0, in :data:`FOLD_COLOUR` with a legend).  ``summary``
+    """Write a PNG grid: one row per orthogonal slice (axial, coronal, sagittal by the image's
+    direction, with the slice index; first remaining axis up), columns fixed, moving (on the
+    fixed grid, before registration), warped, checkerboard fixed|warped (tile borders drawn),
+    |fixed - warped| (residual misalignment), det J (blue = contraction, white = 1, red =
+    expansion; folds, det J <= 0, in :data:`FOLD_COLOUR`, as in the Slicer overlay).  ``summary``
     (the run's) puts the similarity before/after and the folding in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+    from matplotlib.colors import LinearSegmentedColormap, ListedColormap, TwoSlopeNorm
     from matplotlib.patches import Patch
 
     def scaled(image: sitk.Image) -> np.ndarray:
@@ -72,9 +83,12 @@ def qc_figure(
     det = to_array(jacobian)
     rows = list(zip(*[_slices(v) for v in volumes], _slices(det)))
     aspects = _aspects(fixed)
-    names = _slice_names(det.shape)
-    titles = ["fixed", "moving (before)", "warped (after)", "checkerboard fixed | warped", "det J"]
-    figure, axes = plt.subplots(len(rows), 5, figsize=(16, 3.3 * len(rows) + 0.8), squeeze=False)
+    names = slice_names(fixed)
+    titles = ["fixed", "moving (before)", "warped (after)", "checkerboard fixed | warped", "|fixed - warped|", "det J"]
+    figure, axes = plt.subplots(len(rows), 6, figsize=(19, 3.3 * len(rows) + 1.0), squeeze=False)
+    colours = LinearSegmentedColormap.from_list(
+        "det J", [JACOBIAN_CONTRACTION_RGB, JACOBIAN_KEPT_RGB, JACOBIAN_EXPANSION_RGB]
+    )
     span = min(max(float(np.abs(det - 1).max()), 1e-3), 1.0)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
     fold_map = ListedColormap([FOLD_COLOUR])
@@ -83,24 +97,25 @@ def qc_figure(
         for column, panel in enumerate([f, m, w, checkerboard(f, w, tiles)]):
             axes[row, column].imshow(panel, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         for position in np.arange(1, tiles) / tiles:  # tile borders of the checkerboard
-            axes[row, 3].axhline(position * f.shape[0] - 0.5, color="gold", linewidth=0.6, alpha=0.7)
-            axes[row, 3].axvline(position * f.shape[1] - 0.5, color="gold", linewidth=0.6, alpha=0.7)
-        shown = axes[row, 4].imshow(d, cmap="PuOr_r", norm=norm, aspect=aspect, interpolation="nearest")
+            axes[row, 3].axhline(position * f.shape[0] - 0.5, color="cyan", linewidth=0.6, alpha=0.7)
+            axes[row, 3].axvline(position * f.shape[1] - 0.5, color="cyan", linewidth=0.6, alpha=0.7)
+        axes[row, 4].imshow(np.abs(f - w), cmap="magma", vmin=0, vmax=0.5, aspect=aspect, interpolation="nearest")
+        shown = axes[row, 5].imshow(d, cmap=colours, norm=norm, aspect=aspect, interpolation="nearest")
         folds = np.ma.masked_where(d > 0, np.zeros_like(d))
-        axes[row, 4].imshow(folds, cmap=fold_map, aspect=aspect, interpolation="nearest")
-        axes[row, 0].set_ylabel(name, fontsize=9)
-        for column in range(5):
+        axes[row, 5].imshow(folds, cmap=fold_map, aspect=aspect, interpolation="nearest")
+        axes[row, 0].set_ylabel(name, fontsize=11)
+        for column in range(6):
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
                 axes[row, column].set_title(titles[column], fontsize=10)
-    bar = figure.colorbar(shown, ax=axes[:, 4].tolist(), shrink=0.8)
+    bar = figure.colorbar(shown, ax=axes[:, 5].tolist(), shrink=0.8)
     bar.set_label("det J (1 = volume kept; < 1 contraction, > 1 expansion)")
     folded = 100.0 * float(np.mean(det <= 0))
     figure.legend(
         handles=[Patch(color=FOLD_COLOUR, label=f"fold: det J <= 0 ({folded:.4f} % of voxels)")],
         loc="lower right",
-        fontsize=9,
+        fontsize=11,
         frameon=False,
     )
     title = f"det J: min {det.min():.3f}, folding {folded:.4f} %"

@@ -62,6 +62,24 @@ from .errors import InputError
 #: sign per world axis from LPS to RAS (3D): ``ras = LPS_TO_RAS_SIGNS * lps``
 LPS_TO_RAS_SIGNS = (-1.0, -1.0, 1.0)
 
+#: det J colours (RGB 0..1), the same in qc.png, the Slicer overlay and the docs: a diverging map
+#: centred on det J = 1 (contraction blue, volume kept white, expansion red), and folds
+#: (det J <= 0) in yellow, a colour the map never takes
+JACOBIAN_CONTRACTION_RGB = (0.13, 0.40, 0.80)
+JACOBIAN_KEPT_RGB = (1.0, 1.0, 1.0)
+JACOBIAN_EXPANSION_RGB = (0.80, 0.12, 0.10)
+JACOBIAN_FOLD_RGB = (1.0, 0.85, 0.0)
+
+
+def jacobian_rgb(value: float, span: float = 1.0) -> tuple[float, float, float]:
+    """Colour of det J ``value``: :data:`JACOBIAN_FOLD_RGB` at or below 0, otherwise white at 1
+    blending linearly to blue at ``1 - span`` and to red at ``1 + span`` (clipped beyond)."""
+    if value <= 0:
+        return JACOBIAN_FOLD_RGB
+    t = max(-1.0, min(1.0, (value - 1.0) / span))
+    end = JACOBIAN_EXPANSION_RGB if t > 0 else JACOBIAN_CONTRACTION_RGB
+    return tuple(k + (e - k) * abs(t) for k, e in zip(JACOBIAN_KEPT_RGB, end))
+
 
 class Choice(str, enum.Enum):
     """Base of the option enums: a member is its command-line string; ``label()`` is GUI text."""

@@ -314,3 +314,15 @@ def test_dependencies_without_installing(tmp_path):
     path.write_text("# comment\nnumpy>=1.0\nsurely-not-installed-package-xyz==1.0  # why\n")
     assert dependencies.missingRequirements(str(path)) == ["surely-not-installed-package-xyz==1.0"]
     assert isinstance(dependencies.describeComputeDevice(), str)
+
+
+def test_every_text_names_the_det_j_colours_of_the_backend():
+    """One colour language for det J: the tooltips, the README and the Slicer docs say what
+    cnnreg.settings defines (folds yellow), and nothing else."""
+    widgets = uiWidgets()
+    texts = [widgets["outputJacobianSelector"][1]["toolTip"], widgets["showJacobianCheckBox"][1]["toolTip"]]
+    texts += [open(os.path.join(ROOT, name), encoding="utf-8").read() for name in ("README.md", "docs/slicer.md")]
+    for text in texts:
+        flat = " ".join(text.split()).lower()
+        assert "yellow" in flat and "blue" in flat and "red" in flat, text[:200]
+        assert "green" not in flat and "lime" not in flat and "purple" not in flat and "folds in red" not in flat

@@ -295,11 +295,19 @@ def test_jacobian_colour_table_and_display(scene):
     assert (display.GetWindow(), display.GetLevel()) == (2.0, 1.0)
     colorNode = display.GetColorNode()
     assert colorNode.GetName() == nodes.JACOBIAN_COLOR_NODE_NAME
-    rgba = [0.0] * 4
-    colorNode.GetColor(0, rgba)
-    assert rgba[:3] == [1.0, 0.0, 0.0]  # det J <= 0: red
-    colorNode.GetColor(colorNode.GetNumberOfColors() // 2, rgba)
-    assert min(rgba[:3]) > 0.95  # det J = 1: white
+    from cnnreg.settings import JACOBIAN_CONTRACTION_RGB, JACOBIAN_EXPANSION_RGB, JACOBIAN_FOLD_RGB
+
+    def colour(index):
+        rgba = [0.0] * 4
+        colorNode.GetColor(index, rgba)
+        return rgba[:3]
+
+    # the colours of qc.png: folds yellow, contraction blue, 1 white, expansion red (det J 2 and over)
+    np.testing.assert_allclose(colour(0), JACOBIAN_FOLD_RGB, atol=2 / 255)  # stored in 8 bits
+    assert min(colour(colorNode.GetNumberOfColors() // 2)) > 0.95
+    np.testing.assert_allclose(colour(colorNode.GetNumberOfColors() - 1), JACOBIAN_EXPANSION_RGB, atol=2 / 255)
+    # just above 0: nearly the full contraction colour (det J 2/255)
+    np.testing.assert_allclose(colour(1), JACOBIAN_CONTRACTION_RGB, atol=0.01)
     # One table per scene, reused by later runs; no layout manager here, so nothing shown.
     assert nodes.jacobianColorNode(scene) is colorNode
     assert nodes.showJacobian(jacobian, fixed) is False
