@@ -6,6 +6,7 @@ the file (or role) and the problem.  Arrays follow :mod:`cnnreg.settings`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -592,9 +593,68 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
 
     path = os.fspath(path)
     try:
-        sitk.WriteImage(image, path, useCompression=compress)
+        if is_displacement_field(image) and path.lower().endswith((".nii", ".nii.gz")):
+            _write_nifti_displacement(image, path)
+        else:
+            sitk.WriteImage(image, path, useCompression=compress)
     except RuntimeError as error:
         raise WriteError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+#: NIfTI intent code of a displacement field (NIFTI_INTENT_DISPVECT), at byte 68 of the header
+NIFTI_INTENT_DISPLACEMENT = 1006
+_NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
+
+
+def is_displacement_field(image: sitk.Image) -> bool:
+    """A 3D image with one vector component per axis (what cnnreg writes as a displacement field)."""
+    return image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 3
+
+
+def _write_nifti_displacement(field: sitk.Image, path: str) -> None:
+    """A 3D displacement field (LPS mm) as NIfTI intent 1006, the code Slicer, nibabel and FSL
+    expect of a displacement field: its vectors stored in RAS (the NIfTI world), which ITK
+    readers (SimpleITK, ANTs, Greedy, Slicer) convert back to LPS.  Streamed: the x and y
+    components (the first two thirds of NIfTI's component-major data) are negated chunk by chunk,
+    so a CT-sized field costs no second copy in memory."""
+    import gzip
+    import shutil
+    import struct
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(suffix=".nii", prefix=".field-", dir=folder)
+    os.close(handle)
+    try:
+        sitk.WriteImage(field, temporary, useCompression=False)
+        with open(temporary, "r+b") as raw:
+            header = bytearray(raw.read(352))
+            datatype = struct.unpack("<h", header[70:72])[0]
+            offset = int(struct.unpack("<f", header[108:112])[0])
+            if datatype not in _NIFTI_FLOAT_TYPES or struct.unpack("<h", header[40:42])[0] != 5:
+                raise RuntimeError(f"unexpected NIfTI layout for a displacement field (datatype {datatype})")
+            header[68:70] = struct.pack("<h", NIFTI_INTENT_DISPLACEMENT)
+            raw.seek(0)
+            raw.write(header)
+            raw.seek(0)
+            head = raw.read(offset)
+            dtype = np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder("<")
+            flipped_bytes = 2 * math.prod(field.GetSize()) * dtype.itemsize  # the x and y components
+            opener = gzip.open if path.lower().endswith(".gz") else open
+            with opener(path, "wb") as out:
+                out.write(head)
+                chunk = 1 << 24
+                done = 0
+                while done < flipped_bytes:
+                    block = raw.read(min(chunk, flipped_bytes - done))
+                    out.write((-np.frombuffer(block, dtype=dtype)).astype(dtype).tobytes())
+                    done += len(block)
+                shutil.copyfileobj(raw, out, 1 << 24)  # z: the same in LPS and RAS
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

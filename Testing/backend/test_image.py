@@ -403,3 +403,34 @@ def test_affine_prealign_recovers_a_translation(synth):
     # the fixed -> moving mapping is p -> p + shift (an affine on a small blob image: within
     # 1 mm = 2/3 voxel; the wrong direction would be off by 2 |shift| = 7.8 mm)
     np.testing.assert_allclose(np.array(transform.TransformPoint(tuple(centre))) - centre, shift, atol=1.0)
+
+
+def test_displacement_fields_are_nifti_intent_1006_with_ras_vectors(tmp_path, synth):
+    """Written as NIfTI intent 1006 (displacement), vectors in RAS as the NIfTI world is: SimpleITK
+    reads the LPS field back exactly, nibabel sees the intent and the RAS values."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(4)
+    direction = synth.rotation_matrix((0.3, 1.0, 0.2), 25.0).flatten()
+    values = rng.normal(0, 2.0, (7, 9, 11, 3)).astype(np.float32)  # (k, j, i, LPS xyz) mm
+    field = sitk.GetImageFromArray(values, isVector=True)
+    field.SetSpacing((1.5, 0.8, 2.5))
+    field.SetDirection(direction)
+    for name in ("field.nii.gz", "field.nii"):
+        path = tmp_path / name
+        im.write_image(field, path)
+        back = sitk.ReadImage(str(path))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), values)
+        np.testing.assert_allclose(back.GetDirection(), direction, atol=1e-6)
+        raw = (gzip.open if name.endswith(".gz") else open)(path, "rb").read(352)
+        assert struct.unpack("<h", raw[68:70])[0] == 1006
+    nibabel = pytest.importorskip("nibabel")
+    loaded = nibabel.load(str(tmp_path / "field.nii.gz"))
+    assert loaded.header.get_intent()[0] == "displacement vector"
+    stored = np.asarray(loaded.dataobj)  # (i, j, k, 1, component)
+    np.testing.assert_array_equal(stored[..., 0, 0].transpose(2, 1, 0), -values[..., 0])  # x: L -> R
+    np.testing.assert_array_equal(stored[..., 0, 2].transpose(2, 1, 0), values[..., 2])  # z: the same
+    # other vector images and other formats are written as they are
+    im.write_image(field, tmp_path / "field.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "field.nrrd"))), values)

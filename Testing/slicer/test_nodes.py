@@ -311,3 +311,22 @@ def test_jacobian_colour_table_and_display(scene):
     # One table per scene, reused by later runs; no layout manager here, so nothing shown.
     assert nodes.jacobianColorNode(scene) is colorNode
     assert nodes.showJacobian(jacobian, fixed) is False
+
+
+def test_slicer_reads_our_displacement_file_as_the_field_we_wrote(scene, tmp_path):
+    """displacement.nii.gz as the backend writes it (NIfTI intent 1006, RAS vectors) read by
+    Slicer's own transform storage node: a point moves by the field in RAS (LPS flipped)."""
+    from cnnreg.image import write_image
+
+    values = np.zeros((6, 7, 8, 3), np.float32)
+    values[...] = (3.0, -2.0, 1.0)  # LPS mm
+    field = sitk.GetImageFromArray(values, isVector=True)
+    field.SetSpacing((2.0, 2.0, 2.0))
+    path = str(tmp_path / "displacement.nii.gz")
+    write_image(field, path)
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "read by Slicer")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(path)
+    assert storage.ReadData(transform)
+    moved = transform.GetTransformFromParent().TransformPoint([8.0, 6.0, 4.0])
+    np.testing.assert_allclose(moved, (8.0 - 3.0, 6.0 + 2.0, 4.0 + 1.0), atol=1e-5)
