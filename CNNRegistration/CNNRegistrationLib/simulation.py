@@ -204,6 +204,36 @@ def exportForSimulation(
         shutil.rmtree(workDirectory, ignore_errors=True)
 
 
+def exportFromPanel(
+    parameterNode, outputDirectory: str, activityTable: str = "", materialsTable: str = ""
+) -> SimulationExport:
+    """:func:`exportForSimulation` with the module panel's choices (its parameter node: the last
+    run's transform and Jacobian, ``simulation*`` fields); an earlier export folder is replaced."""
+    formats = [
+        name
+        for name, chosen in (
+            ("nifti", parameterNode.simulationNifti),
+            ("mhd", parameterNode.simulationMetaImage),
+            ("interfile", parameterNode.simulationInterfile),
+        )
+        if chosen
+    ]
+    return exportForSimulation(
+        parameterNode.outputTransform,
+        parameterNode.simulationOrgans,
+        outputDirectory,
+        jacobianNode=parameterNode.outputJacobian,
+        ctVolumeNode=parameterNode.simulationCT,
+        phantomLabelsNode=parameterNode.movingLabels,
+        energies=parseEnergies(parameterNode.simulationEnergies),
+        activityTable=activityTable or None,
+        materialsTable=materialsTable or None,
+        perOrgan=parameterNode.simulationPerOrgan,
+        formats=formats or ["nifti"],
+        overwrite=True,
+    )
+
+
 def _runBackend(arguments, python, extraPythonPath, workDirectory, timeout) -> None:
     process = BackendProcess(arguments, python=python, extraPythonPath=extraPythonPath, workingDirectory=workDirectory)
     process.start()

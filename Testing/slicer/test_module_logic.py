@@ -210,3 +210,35 @@ def test_self_test_passes_outside_the_application(module, monkeypatch):
         unittest.TestLoader().loadTestsFromTestCase(module.CNNRegistrationTest)
     )
     assert result.wasSuccessful(), result.failures + result.errors
+
+
+def test_self_test_skips_where_torch_is_missing(module, monkeypatch):
+    """On a machine without the backend's packages (a build machine) the registration test is
+    skipped with the reason, not failed; the presets test still runs."""
+    monkeypatch.setattr(module.dependencies, "torchInstalled", lambda: False)
+    test = module.CNNRegistrationTest("test_RegisterShiftedBlob")
+    result = unittest.TestResult()
+    test.run(result)
+    assert not result.failures and not result.errors
+    assert [reason for _, reason in result.skipped] == ["needs torch (installed by the module on the first Register)"]
+
+
+def test_the_sample_pair_is_offered_with_its_checksums():
+    """The Sample Data sources name the bundled files at the repository's raw URL with their SHA-256."""
+    import hashlib
+    import os
+
+    from mrmlhelpers import ROOT
+
+    from CNNRegistrationLib.sampledata import FOLDER, REPOSITORY_FILES, sampleDataSources
+
+    sources = sampleDataSources()
+    assert [s["sampleName"] for s in sources] == ["CNNRegistration brain pair", "CNNRegistration brain labels"]
+    assert sources[1]["loadFileProperties"] == {"labelmap": True} and sources[0]["loadFileProperties"] == {}
+    cmake = open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8").read()
+    assert REPOSITORY_FILES.rstrip("/").replace("raw.githubusercontent.com", "github.com").rsplit("/", 1)[0] in cmake
+    for source in sources:
+        for uri, name, checksum in zip(source["uris"], source["fileNames"], source["checksums"]):
+            assert uri == REPOSITORY_FILES + FOLDER + name
+            with open(os.path.join(ROOT, FOLDER, name), "rb") as handle:
+                assert checksum == "SHA256:" + hashlib.sha256(handle.read()).hexdigest(), name
