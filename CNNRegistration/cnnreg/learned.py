@@ -26,10 +26,8 @@ Mirrored prediction
     in axial brain scans), predicted in the same batched pass, and the prediction mirrored back
     (its last component negated) is averaged with the direct one, velocities before integrating.
     The field of a mirrored pair is then exactly the mirrored field, and averaging two
-    predictions of the same map removes part of their independent errors: with the shipped 3D
-    weights mni2mm's Dice went 0.9527 -> 0.9540 and itk_t1's 0.8969 -> 0.8999 (2D 0.9741 -> 0.9756).
-    It doubles the batch (4 items with the symmetric pass; ~0.8 s instead of ~0.4 s at 96^3 on 2
-    threads).
+    predictions of the same map removes part of their independent errors (docs/decisions.md).
+    It doubles the batch (4 items with the symmetric pass).
 
 Shipped weights
     ``cnnreg/models/`` inside the backend package (the same relative place in a checkout, a pip

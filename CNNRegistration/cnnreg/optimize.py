@@ -167,15 +167,14 @@ def phantom_network(ndim: int, features: int = 16) -> VoxelMorphNet:
     ``2 features`` x 3 down to 1/16), no normalisation layers, whose decoder stops at half
     resolution (:class:`~cnnreg.networks.VoxelMorphNet` with ``half_resolution``) with one
     ``features``-wide convolution there before the head.  The half-resolution convolutions are
-    most of an iteration's cost (their backward pass above all): with one of width ``features``
-    instead of a ``2 features`` and a ``features`` one, an iteration at 96^3 costs about 0.6x as
-    much and the mni2mm Dice rose (0.962 -> 0.964 with linear sampling; ``scripts/phantom_timing.py``).
+    most of an iteration's cost (their backward pass above all), hence one of width ``features``
+    there (docs/decisions.md).
 
     The trunk's convolutions are initialised for LeakyReLU(0.2) (Kaiming normal, zero bias),
     not with PyTorch's default, whose gain shrinks the activations ~2.5x per layer (std 0.19 after
     the first convolution, 0.013 before the head at 64^3): with features that small every Adam step
-    of the head moves the field by little, and the result depended on the seed (mni2mm Dice 0.909
-    to 0.933 over three seeds at 64^3, 100/60/40 iterations); the head stays zero."""
+    of the head moves the field by little and the result depended on the seed (docs/decisions.md);
+    the head stays zero."""
     wide = 2 * features
     network = VoxelMorphNet(
         ndim=ndim,
@@ -442,10 +441,8 @@ def optimize_cnn(
     voxels; the resulting field is upsampled to the fixed grid.  At the finest level the
     network sees the images of the level before (half the size per axis): the loss is still
     evaluated on the finest grid, and the field the network predicts at half its input
-    resolution is resized to it (4-voxel spacing, then the update smoothing).  On mni2mm (96^3,
-    2 threads, 100/60/120 iterations) that made the run 113 -> 77 s and raised Dice 0.970 ->
-    0.972: the half-resolution convolutions on the full-size images were most of the cost, and
-    the coarser field is a better-posed problem for the same iterations.  Finer detail (the
+    resolution is resized to it (4-voxel spacing, then the update smoothing): faster, and the
+    coarser field is a better-posed problem for the same iterations (docs/decisions.md).  Finer detail (the
     phantom-to-image case) needs the network on the full-size images:
     ``settings.cnn_full_resolution_iterations`` more iterations on the finest grid do that.
     Returns ``u`` ``(1, ndim, *S)``.

@@ -217,19 +217,13 @@ def as_choice(value: Any, enum_type: type[Choice], what: str) -> Choice:
 
 # ----------------------------------------------------------------------------- defaults
 
-#: iterations per pyramid level, coarse to fine, when none are given.  The phantom CNN's finest
-#: level (the network on the previous level's images, the loss at full size) costs ~0.45 s per
-#: iteration at 96^3 on 2 threads: mni2mm 0.9667 / 46 s with 100,60,60, 0.9698 / 57 s with
-#: 100,60,80, 0.9722 / 77 s with 100,60,120 (2 threads, outside the benchmark); 80 keeps the run
-#: within 10x SimpleITK demons' wall time with a margin.  Fewer at the coarsest level cost more
-#: than they saved (60,60,80: 0.9651)
+#: iterations per pyramid level, coarse to fine, when none are given (phantom: 80 at the finest
+#: level keeps it within 10x demons' time; measured in docs/decisions.md)
 DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (100, 60, 80)}
 
 #: how the moving image is sampled when no interpolation is given: the cubic B-spline for the
-#: optimising modes (on the benchmark's brain cases it lowers TRE and raises Dice; the phantom
-#: CNN, 100/60/120 on mni2mm: linear 0.964 -> cubic 0.969, 2d 0.984; before the phantom CNN's
-#: Kaiming initialisation it had lowered its Dice, 2d 0.968 -> 0.961), linear for the learned
-#: network's one pass (it was trained with linear warps)
+#: optimising modes (lower TRE, higher Dice: docs/decisions.md), linear for the learned network's
+#: one pass (it was trained with linear warps)
 DEFAULT_INTERPOLATION: dict[Mode, Interpolation] = {
     Mode.INSTANCE: Interpolation.CUBIC,
     Mode.LEARNED_REFINE: Interpolation.CUBIC,
@@ -238,20 +232,16 @@ DEFAULT_INTERPOLATION: dict[Mode, Interpolation] = {
 }
 
 #: default step of each dense-field optimiser: voxels per step for an RMS-sized gradient
-#: (global-adam), per element (adam), largest voxel step (greedy).  On MNI152 at 2 mm
-#: (scripts/benchmark, case mni2mm) global-adam at 0.05 reaches a lower loss than at 0.25,
-#: whose first steps overshoot at every level change (the loss rose for ~10 iterations).
+#: (global-adam), per element (adam), largest voxel step (greedy); larger global-adam steps
+#: overshoot at level changes (docs/decisions.md)
 DENSE_LEARNING_RATES: dict[Optimizer, float] = {
     Optimizer.GLOBAL_ADAM: 0.05,
     Optimizer.ADAM: 0.02,
     Optimizer.GREEDY: 0.25,
 }
 
-#: Adam step of the phantom CNN's weights (its last layer gets a larger one, see cnnreg.optimize).
-#: The phantom CNN's accuracy is limited by how far its finest level gets (phantom_mni, 100/60/120
-#: iterations: 1e-3 0.757, 2e-3 0.772, 3e-3 0.783), but 3e-3 is close to unstable: on colin1mm the
-#: loss rose at the finest level until its patience ended it (Dice 0.902; 2e-3: 0.966), and 5e-3
-#: diverged (6-12 % of the voxels folded on mni2mm and phantom_mni)
+#: Adam step of the phantom CNN's weights (its last layer gets a larger one, see cnnreg.optimize);
+#: larger steps reach further but 3e-3 is close to unstable (docs/decisions.md)
 CNN_LEARNING_RATE = 2e-3
 
 #: bounds of options that have no sensible use beyond them (and cost memory without bound): a
@@ -409,13 +399,11 @@ class OptimizationSettings:
             (:data:`DEFAULT_INTERPOLATION`).  Linear interpolation blurs by an amount that
             depends on the sub-voxel part of ``x + u(x)``, so a blurred moving image is matched
             best by shifts near whole voxels (a bias of a few tenths of a voxel); the cubic
-            B-spline hardly has this bias (TRE on mni2mm 0.44 -> 0.28 mm), at ~1.3x the cost
-            per iteration.
+            B-spline hardly has this bias, at ~1.3x the cost per iteration (docs/decisions.md).
         features: width of the phantom CNN.
         max_cnn_voxels: the phantom CNN runs on at most this many voxels (default 128^3); its
             field is upsampled to the fixed grid.  This bounds time and memory on large images;
-            the working grid limits accuracy: on mni2mm (96^3) Dice 0.943 on a 64^3 grid, 0.950
-            on 80^3, 0.962 on the full grid (1 thread: 65, 99, 139 s).
+            a smaller working grid costs accuracy (docs/decisions.md).
         cnn_full_resolution_iterations: the phantom CNN sees the previous level's images at the
             finest level (its field, at half its input resolution, is resized to the finest grid,
             where the loss is evaluated); this many iterations follow with the CNN on the
