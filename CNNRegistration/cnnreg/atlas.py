@@ -190,6 +190,8 @@ def build_atlas(
     names: Sequence[str] | None = None,
     initial: sitk.Image | None = None,
     keep_fields: bool = False,
+    client=None,
+    threads: int | None = None,
 ) -> AtlasResult:
     """Unbiased template (and label probability maps) of ``images`` by iterated group-wise registration.
 
@@ -211,6 +213,9 @@ def build_atlas(
             normalised) instead of the subjects' mean.
         keep_fields: also return each subject's displacement to the final template (memory:
             subjects x dim x voxels x 4 bytes).
+        client: a ``distributed.Client``: each iteration's registrations run on its workers
+            (``threads`` CPU threads each, retried once on failure), the results summed in the
+            subjects' order so the atlas equals the serial one; None = one after another here.
 
     Returns:
         :class:`AtlasResult`.  ``history[t]`` holds ``iteration``, ``mean_displacement_mm``
@@ -277,6 +282,17 @@ def build_atlas(
         if last and labels is not None:
             count_dtype = np.uint16 if count < 2**16 else np.uint32
             counts = {value: np.zeros(shape, dtype=count_dtype) for value in label_values}
+        moving_labels_of = [labels[i] if last and labels is not None else None for i in range(count)]
+        remote = (
+            [
+                client.submit(
+                    _register_subject, template, subject, settings, moving_labels_of[i], threads, retries=1, pure=False
+                )
+                for i, subject in enumerate(subjects)
+            ]
+            if client is not None
+            else None
+        )
         for index, subject in enumerate(subjects):
             done = (iteration - 1) * count + index
             emit(
@@ -303,8 +319,12 @@ def build_atlas(
                     }
                 )
 
-            moving_labels = labels[index] if last and labels is not None else None
-            result = register(template, subject, settings, moving_labels=moving_labels, callback=forward)
+            moving_labels = moving_labels_of[index]
+            if remote is not None:
+                result = remote[index].result()  # in the subjects' order: the sums are the serial ones
+                remote[index] = None
+            else:
+                result = register(template, subject, settings, moving_labels=moving_labels, callback=forward)
             warped_sum += sitk.GetArrayFromImage(result.warped)
             d = sitk.GetArrayFromImage(result.displacement)  # (*shape, dim) LPS mm
             displacement_sum += d
@@ -386,6 +406,22 @@ def build_atlas(
         history=history,
         summary=summary,
         displacements=displacements,
+    )
+
+
+def _register_subject(template, subject, settings, moving_labels, threads):
+    """One atlas registration on a Dask worker (``threads`` CPU threads); what the atlas sums."""
+    import dataclasses
+
+    import torch
+
+    from .registration import register
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = register(template, subject, settings, moving_labels=moving_labels)
+    return dataclasses.replace(
+        result, jacobian=None, inverse_displacement=None, u=None, fixed=None, moving_on_fixed=None
     )
 
 
@@ -504,6 +540,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_method_arguments(parser)
     add_progress_argument(parser)
+    from .batch import add_cluster_arguments
+
+    add_cluster_arguments(parser, "each iteration's registrations run on Dask workers (default: one after another)")
 
 
 def _bar_event(event: dict) -> dict | None:
@@ -559,7 +598,8 @@ def run(args: argparse.Namespace) -> int:
     for path in image_paths:  # from the headers, before anything large is read
         check_memory(reference_size, im.size_from_header(path, "image"), settings)
 
-    json_report = ProgressReporter("jsonl" if args.progress in ("auto", "jsonl") else "none")
+    piped = args.progress == "auto" and not sys.stdout.isatty()
+    json_report = ProgressReporter("jsonl" if args.progress == "jsonl" or piped else "none")
     show_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     bar = ProgressReporter("bar") if show_bar else None
 
@@ -591,17 +631,32 @@ def run(args: argparse.Namespace) -> int:
                 "out": out_dir,
             }
         )
-        result = build_atlas(
-            images,
-            settings,
-            labels=labels,
-            iterations=args.atlas_iterations,
-            reference=reference,
-            callback=report,
-            names=image_paths,
-            initial=initial,
-            keep_fields=args.keep_fields,
-        )
+        client = cluster = None
+        threads = args.threads
+        if args.scheduler or args.cluster or args.workers:
+            from .batch import connect
+
+            pairs = [{"fixed": args.reference or image_paths[0], "moving": path} for path in image_paths]
+            client, cluster, threads = connect(args, pairs, settings)
+        try:
+            result = build_atlas(
+                images,
+                settings,
+                labels=labels,
+                iterations=args.atlas_iterations,
+                reference=reference,
+                callback=report,
+                names=image_paths,
+                initial=initial,
+                keep_fields=args.keep_fields,
+                client=client,
+                threads=threads,
+            )
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
         with claimed_folder(out_dir) as claim:
             paths = write_atlas(result, out_dir, claim)
     except BaseException:

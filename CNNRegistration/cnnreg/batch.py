@@ -372,6 +372,21 @@ def _csv_text(rows: Sequence[dict]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
+def add_cluster_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    """``--scheduler``, ``--cluster``, ``--workers``, ``--worker-memory-gib``, ``--dashboard``
+    (``batch`` and ``atlas``; read by :func:`connect`)."""
+    group = parser.add_argument_group("Dask", title)
+    group.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:PORT)")
+    group.add_argument("--cluster", choices=("slurm", "pbs"), help="start Dask workers as jobs (needs dask-jobqueue)")
+    group.add_argument(
+        "--workers", type=int, help="workers (default: from the cores and the memory of the largest pair)"
+    )
+    group.add_argument("--worker-memory-gib", type=float, default=16.0, help="memory of each --cluster job, GiB")
+    group.add_argument(
+        "--dashboard", default=":0", help="local cluster's dashboard (:0 a free port, none: no dashboard)"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .progress import add_progress_argument
     from .settings import add_method_arguments
@@ -384,15 +399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed", help="with --moving-folder: the one fixed image (e.g. a template)")
     parser.add_argument("--moving-folder", help="with --fixed: every image of this folder is registered onto it")
     parser.add_argument("--out", required=True, help="output folder: one result folder per pair, batch.csv, batch.json")
-    parser.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:PORT)")
-    parser.add_argument("--cluster", choices=("slurm", "pbs"), help="start Dask workers as jobs (needs dask-jobqueue)")
-    parser.add_argument(
-        "--workers", type=int, help="workers (default: from the cores and the memory of the largest pair)"
-    )
-    parser.add_argument("--worker-memory-gib", type=float, default=16.0, help="memory of each --cluster job, GiB")
-    parser.add_argument(
-        "--dashboard", default=":0", help="local cluster's dashboard address (:0 picks a free port, none: no dashboard)"
-    )
+    add_cluster_arguments(parser, "where the pairs run (default: a local Dask cluster sized to the machine)")
     add_method_arguments(parser)
     parser.add_argument("--no-qc", action="store_true", help="no QC picture in each pair's folder (given to register)")
     add_progress_argument(parser)

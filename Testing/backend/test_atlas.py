@@ -261,3 +261,15 @@ def test_atlas_refuses_an_input_inside_the_output_folder(files, tmp_path, capsys
     code = main(_atlas(files, out, "--images", str(inside), *files["images"][1:], "--overwrite"))
     assert code == EXIT_INPUT and "inside the output folder" in capsys.readouterr().err
     assert inside.exists()
+
+
+def test_atlas_command_on_dask_workers_writes_the_serial_atlas(files, tmp_path, capsys):
+    """``--workers 2``: the iterations' registrations on a local Dask cluster, the same template
+    as the serial command at the same thread count."""
+    pytest.importorskip("distributed")
+    base = ["atlas", "--images", files["list"], "--atlas-iterations", "2", "--progress", "none", "--threads", "1"]
+    assert main([*base, *FAST_CLI, "--out", str(tmp_path / "serial")]) == 0, capsys.readouterr().err
+    code = main([*base, *FAST_CLI, "--out", str(tmp_path / "dask"), "--workers", "2", "--dashboard", "none"])
+    assert code == 0, capsys.readouterr().err
+    serial, remote = (sitk.ReadImage(str(tmp_path / name / "template.nii.gz")) for name in ("serial", "dask"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(serial))

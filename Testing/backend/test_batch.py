@@ -187,3 +187,34 @@ def test_the_two_shorthands_and_bad_pair_files(cohort, tmp_path):
     (tmp_path / "twice.csv").write_text("fixed,moving,name\na.nii.gz,b.nii.gz,x\nc.nii.gz,d.nii.gz,x\n")
     with pytest.raises(InputError, match="repeated"):
         batch.read_pairs(tmp_path / "twice.csv")
+
+
+def test_an_atlas_on_the_cluster_equals_the_serial_atlas(cohort, client):
+    """build_atlas with its registrations on two Dask workers (1 thread each) gives the serial
+    atlas (1 thread) bit for bit: the results are summed in the subjects' order."""
+    import torch
+
+    from cnnreg.atlas import build_atlas
+    from cnnreg.settings import OptimizationSettings, RegistrationSettings
+
+    images = [sitk.ReadImage(str(cohort / f"moving{i}.nii.gz")) for i in range(3)]
+    labels = [sitk.ReadImage(str(cohort / f"labels{i}.nii.gz")) for i in range(3)]
+    settings = RegistrationSettings(
+        device="cpu", seed=0, optimization=OptimizationSettings(similarity="mse", levels=2, iterations=(20, 20))
+    )
+    events = []
+    remote = build_atlas(
+        images, settings, labels=labels, iterations=2, client=client, threads=1, callback=events.append
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = build_atlas(images, settings, labels=labels, iterations=2)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote.template), sitk.GetArrayFromImage(serial.template))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(remote.probabilities[1]), sitk.GetArrayFromImage(serial.probabilities[1])
+    )
+    assert [e["subject"] for e in events if e["event"] == "atlas"] == [1, 2, 3, 1, 2, 3]
+    assert remote.history[-1]["similarity_after"] == serial.history[-1]["similarity_after"]
