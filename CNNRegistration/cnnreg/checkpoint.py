@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import InputError
+from .errors import InputError, WriteError
 from .networks import ARCHITECTURES, build_network
 
 FORMAT = "cnnreg-checkpoint"
@@ -144,8 +144,6 @@ def save_checkpoint(path: str | os.PathLike, network: nn.Module, extra: Mapping 
         os.replace(temporary, path)
         return write_sidecar(path)
     except OSError as error:  # full disk, quota, I/O: the previous checkpoint (if any) stays intact
-        from .outputs import WriteError
-
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise WriteError(f"writing the checkpoint {path} failed: {error.strerror or error}") from error

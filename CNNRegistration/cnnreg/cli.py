@@ -16,7 +16,6 @@ Exit codes: 0 success, 2 bad input, 3 device problem, 4 numerical failure, 130 c
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
@@ -36,14 +35,45 @@ from .settings import (
     settings_from_args,
 )
 
-#: further commands: name -> (module exposing ``add_arguments(parser)`` and ``run(args) -> int``,
-#: the help line); a module is imported only when its command runs (some import torch)
+
+def _evaluate():
+    from . import evaluate_cli
+
+    return evaluate_cli
+
+
+def _atlas():
+    from . import atlas
+
+    return atlas
+
+
+def _train():
+    from . import train_cli
+
+    return train_cli
+
+
+def _simulation():
+    from . import simulation
+
+    return simulation
+
+
+def _batch():
+    from . import batch
+
+    return batch
+
+
+#: further commands: name -> (the module exposing ``add_arguments(parser)`` and ``run(args) -> int``,
+#: imported only when its command runs, since some import torch; the help line)
 PLUGIN_COMMANDS = {
-    "evaluate": ("cnnreg.evaluate_cli", "score registration results against label maps (Dice, HD95, folding, TRE)"),
-    "atlas": ("cnnreg.atlas", "build an unbiased average image and probabilistic label atlas from many subjects"),
-    "train": ("cnnreg.train_cli", "train a learned registration network from image files"),
-    "simulation-inputs": ("cnnreg.simulation", "organ, activity and attenuation maps for a SPECT/PET simulator"),
-    "batch": ("cnnreg.batch", "register a cohort of pairs on Dask (a local cluster, a scheduler, SLURM or PBS)"),
+    "evaluate": (_evaluate, "score registration results against label maps (Dice, HD95, folding, TRE)"),
+    "atlas": (_atlas, "build an unbiased average image and probabilistic label atlas from many subjects"),
+    "train": (_train, "train a learned registration network from image files"),
+    "simulation-inputs": (_simulation, "organ, activity and attenuation maps for a SPECT/PET simulator"),
+    "batch": (_batch, "register a cohort of pairs on Dask (a local cluster, a scheduler, SLURM or PBS)"),
 }
 
 
@@ -285,11 +315,11 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     )
     _add_apply_arguments(apply_parser)
     runners["apply"] = _run_apply
-    for name, (module_name, help_line) in PLUGIN_COMMANDS.items():
+    for name, (load, help_line) in PLUGIN_COMMANDS.items():
         sub = commands.add_parser(name, help=help_line)
         if argv is not None and name != chosen:
             continue  # listed in the help; built only when it is the command
-        module = importlib.import_module(module_name)
+        module = load()
         module.add_arguments(sub)
         sub.formatter_class = DefaultsHelpFormatter  # every default shown (descriptions kept as written)
         runners[name] = module.run

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, WriteError
 from .nifti import check_nifti, is_nifti
 from .settings import CT_WINDOW_HU, Interpolation, Normalization
 from .spatial import lps_to_voxel, voxel_to_lps
@@ -586,11 +586,9 @@ def warp_labels(
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write ``image`` (format from the extension); :class:`cnnreg.outputs.WriteError` naming the
+    """Write ``image`` (format from the extension); :class:`cnnreg.errors.WriteError` naming the
     path if SimpleITK reports a failure (a short write is only found by reading back:
     :func:`cnnreg.outputs.verify_image_file`)."""
-    from .outputs import WriteError
-
     path = os.fspath(path)
     try:
         if is_displacement_field(image) and path.lower().endswith((".nii", ".nii.gz")):

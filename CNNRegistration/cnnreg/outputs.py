@@ -19,11 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
-from .errors import DeviceError, InputError
-
-
-class WriteError(DeviceError):
-    """A result could not be written or did not read back as written (full disk, quota, I/O error)."""
+from .errors import InputError, WriteError  # noqa: F401  (WriteError: also cnnreg.outputs.WriteError)
 
 
 def _inside(path: str, folder: str) -> bool:

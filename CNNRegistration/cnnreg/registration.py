@@ -486,7 +486,7 @@ def write_result(
     (:func:`cnnreg.outputs.staged_folder`): on any failure nothing of this run is left and an
     existing ``out_dir`` is untouched; on success ``out_dir`` holds exactly these files.  The
     QC picture is optional: if it cannot be drawn, the run still succeeds and the summary says
-    why (``qc_error``).  Raises :class:`cnnreg.outputs.WriteError` when a file cannot be written.
+    why (``qc_error``).  Raises :class:`cnnreg.errors.WriteError` when a file cannot be written.
     ``claim``: the folder as taken by :func:`cnnreg.outputs.claimed_folder` at the start of the run
     (the swap is then refused if anything else appeared in it meanwhile).
     """

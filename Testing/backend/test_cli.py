@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from cnnreg.cli import main
+from cnnreg.errors import WriteError
 from cnnreg.settings import EXIT_DEVICE, EXIT_INPUT, OUTPUT_FILES
 
 SUMMARY_KEYS = {
@@ -519,7 +520,7 @@ def test_a_failed_write_leaves_the_old_results_intact(inputs, tmp_path, capsys, 
     def short_write(path, expected):  # the second file "does not read back" (as on a full disk)
         calls.append(path)
         if len(calls) == 2:
-            raise outputs.WriteError(f"writing {path} failed: the file does not hold what was written")
+            raise WriteError(f"writing {path} failed: the file does not hold what was written")
 
     monkeypatch.setattr(outputs, "verify_image_file", short_write)
     code = main(_register_args(inputs, out, "--overwrite", "--progress", "none", "--seed", "5", *FAST))
@@ -605,7 +606,8 @@ def test_a_qc_failure_does_not_cost_the_results(inputs, tmp_path, monkeypatch):
 
 
 def test_verify_image_file_finds_a_truncated_file(tmp_path):
-    from cnnreg.outputs import WriteError, verify_image_file
+    from cnnreg.errors import WriteError
+    from cnnreg.outputs import verify_image_file
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
     path = tmp_path / "field.nii.gz"

@@ -378,7 +378,7 @@ def test_resample_identity_keeps_values_and_pixel_type(synth):
 
 def test_write_image_to_a_missing_folder(tmp_path, synth):
     path = tmp_path / "no" / "such" / "folder" / "x.nii.gz"
-    from cnnreg.outputs import WriteError
+    from cnnreg.errors import WriteError
 
     with pytest.raises(WriteError, match="cannot write") as error:  # exit code 3: the disk, not the input
         im.write_image(_blob_image(synth), path)

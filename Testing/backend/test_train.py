@@ -356,7 +356,7 @@ def test_the_weights_recipe_settings_are_valid():
 
 def test_a_checkpoint_that_cannot_be_written_is_a_write_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
     from cnnreg.checkpoint import save_checkpoint
-    from cnnreg.outputs import WriteError
+    from cnnreg.errors import WriteError
 
     path = tmp_path / "model.pt"
     save_checkpoint(path, FAIMNet(2), {"working_shape": (32, 32)})
