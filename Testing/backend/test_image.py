@@ -144,8 +144,12 @@ def test_check_pair_single_slice_stored_differently(synth):
         im.check_pair(image_2d, single_slice)
 
 
-def test_check_pair_accepts_different_grids(synth):
-    im.check_pair(_blob_image(synth), _blob_image(synth, shape=(8, 9, 10), spacing=(2, 2, 2)))
+def test_check_pair_accepts_different_grids_but_not_other_dimensions(synth):
+    """Fixed and moving may lie on any grids (the moving image is resampled), never a 2D against a 3D image."""
+    assert im.check_pair(_blob_image(synth), _blob_image(synth, shape=(8, 9, 10), spacing=(2, 2, 2))) is None
+    flat = synth.make_image(synth.blob_array((12, 14)))
+    with pytest.raises(InputError, match="2D|3D|dimension"):
+        im.check_pair(_blob_image(synth), flat)
 
 
 def test_check_labels(synth):

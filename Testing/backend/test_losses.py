@@ -246,11 +246,15 @@ def test_similarity_accepts_enum_members(synth):
     assert float(losses.similarity_loss(Similarity.PCC, image, image)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_pcc_ssim_is_the_mean_of_pcc_and_ssim(synth):
+def test_pcc_ssim_is_one_for_identical_images_and_falls_with_misalignment(synth):
+    """Chen et al.'s PCC+SSIM: 1 (both terms' maximum) for an image and itself, lower the further
+    it is shifted, and PCC's part ignores a linear intensity change that SSIM's does not."""
     image = _blobs(synth, (20, 22))
-    other = torch.roll(image, 2, -1)
-    expected = 0.5 * float(losses.pcc_similarity(image, other)) + 0.5 * float(losses.ssim_similarity(image, other))
-    assert abs(float(losses.similarity_value("pcc+ssim", image, other)) - expected) < 1e-12
+    assert float(losses.similarity_value("pcc+ssim", image, image)) == pytest.approx(1.0, abs=1e-6)
+    values = [float(losses.similarity_value("pcc+ssim", image, torch.roll(image, k, -1))) for k in (1, 3, 6)]
+    assert values[0] > values[1] > values[2]
+    brighter = float(losses.similarity_value("pcc+ssim", image, 2.0 * image + 0.1))
+    assert values[0] < 1.0 and 0.5 < brighter < 1.0  # PCC 1, SSIM below 1
 
 
 @pytest.mark.parametrize("function", [losses.similarity_loss, losses.similarity_value])

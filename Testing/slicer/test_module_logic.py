@@ -81,25 +81,14 @@ def module(scene, monkeypatch):
 def test_parameter_node_declaration(module):
     wrapper = module.CNNRegistrationParameterNode
     hints, defaults = wrapper.hints, wrapper.defaults
-    assert set(hints) >= {
-        "fixedVolume",
-        "movingVolume",
-        "movingLabels",
-        "fixedMask",
-        "mode",
-        "similarity",
-        "regularizer",
-        "weight",
-        "window",
-        "iterations",
-        "fullResolutionIterations",
-        "interpolation",
-        "device",
-        "keepTemporaryFiles",
-        "outputVolume",
-        "outputTransform",
-        "outputJacobian",
-    }
+    # every setting of a run can be set and saved with the scene: the panel's settings are fields
+    # of the parameter node under the same names (settingsFromParameterNode reads them so)
+    import dataclasses
+
+    from CNNRegistrationLib.settings import RegistrationSettings
+
+    settable = {f.name for f in dataclasses.fields(RegistrationSettings)} - {"seed"}  # the panel keeps seed 0
+    assert settable <= set(hints), settable - set(hints)
     for name in ("mode", "similarity", "regularizer", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
     # interpolation: the mode's default or a choice the similarity term allows (the enum also
