@@ -10,7 +10,6 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -661,22 +660,3 @@ def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(np.asarray(array).reshape(shape))
     image.CopyInformation(reference)
     return image
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Grid of an image in SimpleITK terms (spacing/origin in mm, direction row-major)."""
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def of(cls, image: sitk.Image) -> Geometry:
-        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-    def working_spacing(self, axes: Sequence[int]) -> tuple[float, ...]:
-        """Spacing in array-axis order ``(k, j, i)`` restricted to the working axes."""
-        spacing_kji = self.spacing[::-1]
-        return tuple(spacing_kji[a] for a in axes)

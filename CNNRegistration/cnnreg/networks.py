@@ -6,7 +6,8 @@ the displacement along tensor axis ``c``, it pulls the moving image).  Each netw
 the keyword arguments it was built with in ``self.config`` so a checkpoint can rebuild it
 (:func:`build_network`, :mod:`cnnreg.checkpoint`).
 
-* :class:`UNet` -- the phantom mode's U-Net (Chen et al. 2020), optimised per pair.
+* :class:`UNet` -- a U-Net in the style of Chen et al. 2020 (a trainable architecture; phantom
+  mode optimises a :class:`VoxelMorphNet`, see :func:`cnnreg.optimize.phantom_network`).
 * :class:`FAIMNet` -- FAIM-style (Kuang & Schmah 2019): inception-like first block, strided
   convolutions down, transposed convolutions up, PReLU, residual (additive) skips.
 * :class:`VoxelMorphNet` -- VoxelMorph-2-style U-Net (strided encoder, concatenated skips).
@@ -27,7 +28,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .spatial import compose, integrate_velocity, resize_field, warp
 
@@ -65,15 +65,7 @@ class UNet(nn.Module):
     Input ``(N, in_channels, *S)``; output ``(N, ndim, *S)`` displacement in voxels.  Any
     spatial size works (decoder features are resized to the skip connection's size).  The
     output convolution starts at (near) zero, so a fresh network gives the identity map.
-
-    ``checkpointing = True`` (an attribute, not part of the config) keeps only each block's
-    inputs for the backward pass and recomputes the rest (activation checkpointing; about a
-    quarter more compute, the same values).  Batch-norm running statistics are then updated
-    twice per step, so only use it where they are not used (the phantom mode stays in
-    training mode).
     """
-
-    checkpointing = False
 
     def __init__(
         self,
@@ -114,19 +106,15 @@ class UNet(nn.Module):
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         pool = F.max_pool3d if self.ndim == 3 else F.max_pool2d
         mode = "trilinear" if self.ndim == 3 else "bilinear"
-        save = self.checkpointing and torch.is_grad_enabled()
         skips = []
         x = pair
         for index, encoder in enumerate(self.encoders):
             if index > 0:
                 x = pool(x, 2, ceil_mode=True)
-            x = checkpoint(encoder, x, use_reentrant=False) if save else encoder(x)
+            x = encoder(x)
             skips.append(x)
         for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
-            if save:
-                x = checkpoint(_decode, decoder, x, skip, mode, use_reentrant=False)
-            else:
-                x = _decode(decoder, x, skip, mode)
+            x = _decode(decoder, x, skip, mode)
         return self.head(x) * self.output_scale
 
 
@@ -163,7 +151,8 @@ class RegistrationNetwork(nn.Module):
         self.diffeomorphic = bool(diffeomorphic)
         self.integration_steps = int(integration_steps)
 
-    def _zero_head(self) -> None:
+    def zero_head(self) -> None:
+        """Zero the last layer: the network then predicts exactly no displacement."""
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -328,7 +317,7 @@ class FAIMNet(RegistrationNetwork):
             for _ in range(levels)
         )
         self.head = conv(features, ndim, 3, padding=1)
-        self._zero_head()
+        self.zero_head()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inception_act(self.inception(x))
@@ -406,7 +395,7 @@ class VoxelMorphNet(RegistrationNetwork):
             if index < self.upsamplings:
                 channels += skip_channels[index]
         self.head = conv(channels, ndim, 3, padding=1)
-        self._zero_head()
+        self.zero_head()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         skips = [x]

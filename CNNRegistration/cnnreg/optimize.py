@@ -223,7 +223,7 @@ class CNNField(nn.Module):
         self.smoothing = smoothing
         self.input_shape = None if input_shape is None else tuple(int(n) for n in input_shape)
         self._resized_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        network._zero_head()
+        network.zero_head()
 
     def parameter_groups(self, learning_rate: float) -> list[dict]:
         head = list(self.network.head.parameters())

@@ -390,12 +390,6 @@ def test_write_image_to_a_missing_folder(tmp_path, synth):
     assert not os.path.exists(path)
 
 
-def test_geometry_working_spacing():
-    geometry = im.Geometry((14, 12, 1), (1.2, 0.8, 2.0), (0, 0, 0), tuple(np.eye(3).ravel()))
-    assert geometry.working_spacing((0, 1, 2)) == (2.0, 0.8, 1.2)  # (k, j, i)
-    assert geometry.working_spacing((1, 2)) == (0.8, 1.2)
-
-
 def test_affine_prealign_recovers_a_translation(synth):
     spacing = (1.5, 1.5, 1.5)
     shape = (28, 30, 26)
