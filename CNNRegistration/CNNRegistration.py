@@ -28,8 +28,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CNNRegistrationLib import dependencies, nodes, process, registration, simulation
-from CNNRegistrationLib.settings import (
+from CNNRegistrationLib import backendjob, dependencies, nodes, process, simulation
+from CNNRegistrationLib.panel import (
     MODE_DEFAULT,
     PRESETS,
     SIMILARITY_INTERPOLATIONS,
@@ -37,7 +37,7 @@ from CNNRegistrationLib.settings import (
     Device,
     Mode,
     Normalization,
-    RegistrationSettings,
+    PanelSettings,
     Regularizer,
     Similarity,
 )
@@ -82,7 +82,7 @@ Reimplements ideas of FAIM (Kuang and Schmah, 2018) and of Chen et al., Medical 
 
 
 #: the backend's defaults, as the panel shows them
-_DEFAULT_SETTINGS = RegistrationSettings()
+_DEFAULT_SETTINGS = PanelSettings()
 
 
 @parameterNodeWrapper
@@ -286,7 +286,7 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
             try:
                 result = job.finish()  # loads the output nodes, removes the temporary folder
-            except registration.RegistrationCancelled:
+            except backendjob.RegistrationCancelled:
                 self.ui.statusLabel.text = "Registration cancelled."
                 return
             self.showResult(result)
@@ -386,7 +386,7 @@ class CNNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
     """Registration without the GUI: ``process`` blocks, ``startRegistration`` returns a
-    running :class:`CNNRegistrationLib.registration.RegistrationJob` to poll."""
+    running :class:`CNNRegistrationLib.backendjob.RegistrationJob` to poll."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -395,8 +395,8 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
         return CNNRegistrationParameterNode(super().getParameterNode())
 
     @staticmethod
-    def settingsFromParameterNode(parameterNode) -> RegistrationSettings:
-        return RegistrationSettings(
+    def settingsFromParameterNode(parameterNode) -> PanelSettings:
+        return PanelSettings(
             mode=parameterNode.mode,
             similarity=parameterNode.similarity,
             regularizer=parameterNode.regularizer,
@@ -425,18 +425,13 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
         """Simulator inputs from the last result's nodes and the panel's export choices."""
         return simulation.exportFromPanel(parameterNode, outputDirectory, activityTable, materialsTable)
 
-    def startRegistration(self, parameterNode) -> registration.RegistrationJob:
+    def startRegistration(self, parameterNode) -> backendjob.RegistrationJob:
         """Write the inputs and start the backend; returns the running job (non-blocking)."""
-        job = registration.RegistrationJob(
-            parameterNode.fixedVolume,
-            parameterNode.movingVolume,
-            self.settingsFromParameterNode(parameterNode),
-            movingLabelsNode=parameterNode.movingLabels,
-            fixedMaskNode=parameterNode.fixedMask,
-            outputVolumeNode=parameterNode.outputVolume,
-            outputTransformNode=parameterNode.outputTransform,
-            outputJacobianNode=parameterNode.outputJacobian,
-        )
+        p = parameterNode
+        job = self.process(
+            p.fixedVolume, p.movingVolume, self.settingsFromParameterNode(p), p.movingLabels, p.fixedMask,
+            p.outputVolume, p.outputTransform, p.outputJacobian, wait=False,
+        )  # fmt: skip
         job.start()
         return job
 
@@ -444,7 +439,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
         self,
         fixedVolume,
         movingVolume,
-        settings: Optional[RegistrationSettings] = None,
+        settings: Optional[PanelSettings] = None,
         movingLabels=None,
         fixedMask=None,
         outputVolume=None,
@@ -452,11 +447,12 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
         outputJacobian=None,
         progressCallback=None,
         timeout: Optional[float] = None,
-    ) -> registration.RegistrationResult:
-        """Register and wait. Raises RuntimeError when packages are missing (nothing is
+        wait: bool = True,
+    ):
+        """Register and wait (a :class:`~CNNRegistrationLib.backendjob.JobResult`); with ``wait``
+        False, the job, not started. Raises RuntimeError when packages are missing (nothing is
         installed from here) and RegistrationError when the backend fails."""
-        dependencies.checkDependencies()
-        job = registration.RegistrationJob(
+        job = backendjob.RegistrationJob(
             fixedVolume,
             movingVolume,
             settings,
@@ -466,6 +462,9 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
             outputTransformNode=outputTransform,
             outputJacobianNode=outputJacobian,
         )
+        if not wait:
+            return job
+        dependencies.checkDependencies()
         return job.run(progressCallback=progressCallback, timeout=timeout)
 
     @staticmethod
@@ -558,7 +557,7 @@ class CNNRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering a blob shifted by 2 voxels (instance optimisation, CPU)")
         fixed, fixedArray = self._blobVolume("fixed", (12, 12, 12))
         moving, movingArray = self._blobVolume("moving", (12, 13, 10))
-        settings = RegistrationSettings(
+        settings = PanelSettings(
             mode=Mode.INSTANCE,
             similarity=Similarity.MSE,
             regularizer=Regularizer.DIFFUSION,

@@ -17,8 +17,8 @@ sitk = pytest.importorskip("SimpleITK")
 
 from mrmlhelpers import MODULE_DIR, OBLIQUE, blob, ijkToRas, makeVolume  # noqa: E402
 
-from CNNRegistrationLib import nodes, process, registration  # noqa: E402
-from CNNRegistrationLib.settings import RegistrationSettings  # noqa: E402
+from CNNRegistrationLib import backendjob, nodes, process  # noqa: E402
+from CNNRegistrationLib.panel import PanelSettings  # noqa: E402
 
 
 def backendImportable() -> bool:
@@ -59,7 +59,7 @@ def test_register_nodes_with_the_real_backend(scene, tmp_path):
 
     # linear sampling (not the cubic default): the warped volume is compared below with
     # Slicer's own linear reslicing through the transform node
-    settings = RegistrationSettings(
+    settings = PanelSettings(
         mode="instance",
         similarity="mse",
         regularizer="diffusion",
@@ -70,7 +70,7 @@ def test_register_nodes_with_the_real_backend(scene, tmp_path):
         seed=0,
     )
     events = []
-    job = registration.RegistrationJob(
+    job = backendjob.RegistrationJob(
         fixed, moving, settings, movingLabelsNode=labelmap, fixedMaskNode=mask, temporaryDirectory=str(tmp_path)
     )
     result = job.run(progressCallback=events.append, timeout=600)
@@ -160,8 +160,8 @@ def test_cancel_a_real_registration(scene, tmp_path):
     fixed = makeVolume(scene, blob(SHAPE, (10, 11, 12), 3.5), SPACING, ORIGIN, OBLIQUE, "fixed")
     moving = makeVolume(scene, blob(SHAPE, (10, 12, 11), 3.5), SPACING, ORIGIN, OBLIQUE, "moving")
     before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
-    settings = RegistrationSettings(mode="phantom", iterations=100000, device="cpu")
-    job = registration.RegistrationJob(fixed, moving, settings, temporaryDirectory=str(tmp_path))
+    settings = PanelSettings(mode="phantom", iterations=100000, device="cpu")
+    job = backendjob.RegistrationJob(fixed, moving, settings, temporaryDirectory=str(tmp_path))
     job.start()
     deadline = time.monotonic() + 300
     while job.lastProgress is None and job.running and time.monotonic() < deadline:
@@ -172,7 +172,7 @@ def test_cancel_a_real_registration(scene, tmp_path):
     job.cancel()
     assert time.monotonic() - started < 20
     assert not job.running and not os.path.exists(job.workDirectory)
-    with pytest.raises(registration.RegistrationCancelled):
+    with pytest.raises(backendjob.RegistrationCancelled):
         job.finish()
     assert sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())) == before
 
@@ -183,7 +183,7 @@ def test_the_quick_learned_preset_registers_the_bundled_sample_pair(scene, tmp_p
     import dataclasses
     from pathlib import Path
 
-    from CNNRegistrationLib.settings import presetSettings
+    from CNNRegistrationLib.panel import presetSettings
 
     backend = Path(MODULE_DIR) / "cnnreg" / "models" / "models.json"
     if not backend.is_file():
@@ -200,9 +200,7 @@ def test_the_quick_learned_preset_registers_the_bundled_sample_pair(scene, tmp_p
             [2 * ((array == k) & (truth == k)).sum() / ((array == k).sum() + (truth == k).sum()) for k in (1, 2)]
         )
 
-    job = registration.RegistrationJob(
-        fixed, moving, settings, movingLabelsNode=labels, temporaryDirectory=str(tmp_path)
-    )
+    job = backendjob.RegistrationJob(fixed, moving, settings, movingLabelsNode=labels, temporaryDirectory=str(tmp_path))
     result = job.run(timeout=600)
     assert (result.summary["mode"], result.summary["iterations"]) == ("learned-refine", [4])
     before = meanDice(slicer.util.arrayFromVolume(labels))

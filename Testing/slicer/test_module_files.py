@@ -175,11 +175,11 @@ print("ok")
     [
         (
             "",
-            "CNNRegistrationLib.nodes,CNNRegistrationLib.process,CNNRegistrationLib.registration,"
-            "CNNRegistrationLib.settings,CNNRegistrationLib.dependencies",
+            "CNNRegistrationLib.nodes,CNNRegistrationLib.process,CNNRegistrationLib.backendjob,CNNRegistrationLib.simulation,CNNRegistrationLib.sampledata,"
+            "CNNRegistrationLib.panel,CNNRegistrationLib.dependencies",
         ),
         # The process runner and the settings need neither Slicer nor VTK.
-        ("slicer,vtk,vtkmodules", "CNNRegistrationLib.process,CNNRegistrationLib.settings"),
+        ("slicer,vtk,vtkmodules", "CNNRegistrationLib.process,CNNRegistrationLib.panel"),
     ],
 )
 def test_glue_imports_without_qt(blocked, modules):
@@ -227,59 +227,59 @@ def test_the_backend_settings_import_neither_torch_nor_numpy():
 
 def test_the_panel_defaults_are_the_backend_defaults():
     from cnnreg import settings as backend
-    from CNNRegistrationLib import settings
+    from CNNRegistrationLib import panel
 
-    panel = settings.RegistrationSettings()
-    assert panel.backendSettings() == backend.RegistrationSettings()
+    defaults = panel.PanelSettings()
+    assert defaults.backendSettings() == backend.RegistrationSettings()
     for mode in backend.Mode:
-        assert settings.RegistrationSettings(mode=mode).backendSettings() == backend.RegistrationSettings(mode=mode)
-    assert [i.value for i in settings.SIMILARITY_INTERPOLATIONS] == ["linear", "cubic"]
-    assert settings.Mode is backend.Mode and settings.Interpolation is backend.Interpolation
+        assert panel.PanelSettings(mode=mode).backendSettings() == backend.RegistrationSettings(mode=mode)
+    assert [i.value for i in panel.SIMILARITY_INTERPOLATIONS] == ["linear", "cubic"]
+    assert panel.Mode is backend.Mode and panel.Interpolation is backend.Interpolation
 
 
 def test_settings_command_line_and_presets():
-    from CNNRegistrationLib import settings
+    from CNNRegistrationLib import panel
 
-    arguments = settings.RegistrationSettings(mode="learned", weight=2, iterations=0).commandLineArguments()
+    arguments = panel.PanelSettings(mode="learned", weight=2, iterations=0).commandLineArguments()
     assert arguments[:2] == ["--mode", "learned"] and "--iterations" not in arguments and "--seed" not in arguments
     assert arguments[arguments.index("--weight") + 1] == "2.0"
-    refine = settings.RegistrationSettings(mode="learned-refine", iterations=20).commandLineArguments()
+    refine = panel.PanelSettings(mode="learned-refine", iterations=20).commandLineArguments()
     assert refine == ["--mode", "learned-refine", "--refine-iterations", "20"]
     with pytest.raises(ValueError, match="nearest"):
-        settings.RegistrationSettings(interpolation="nearest")
+        panel.PanelSettings(interpolation="nearest")
     with pytest.raises(ValueError, match="weight"):
-        settings.RegistrationSettings(weight=101)
+        panel.PanelSettings(weight=101)
     with pytest.raises(ValueError):
-        settings.RegistrationSettings(mode="fast")
-    for name in settings.PRESETS:
-        backend = settings.presetSettings(name).backendSettings()
+        panel.PanelSettings(mode="fast")
+    for name in panel.PRESETS:
+        backend = panel.presetSettings(name).backendSettings()
         requested = backend.iterations_requested()
         assert all(n > 0 for n in (requested if isinstance(requested, list) else [requested])), name
     # the brain preset is the default command, whose numbers the benchmark reports
-    assert settings.presetSettings("Brain MRI").commandLineArguments() == ["--mode", "instance"]
+    assert panel.presetSettings("Brain MRI").commandLineArguments() == ["--mode", "instance"]
     # one definition: each panel preset is the backend's preset of that label, which is also
     # `python -m cnnreg register --preset NAME`
     from cnnreg import settings as backend
     from cnnreg.cli import build_parser
 
-    assert list(settings.PRESETS) == [preset.label for preset in backend.PRESETS.values()]
+    assert list(panel.PRESETS) == [preset.label for preset in backend.PRESETS.values()]
     parser = build_parser()[0]
     inputs = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]
     for preset in backend.PRESETS.values():
-        panel = settings.presetSettings(preset.label)
+        values = panel.presetSettings(preset.label)
         from_command_line = backend.settings_from_args(parser.parse_args([*inputs, "--preset", preset.name]))
-        assert panel.backendSettings() == preset.settings() == from_command_line, preset.name
+        assert values.backendSettings() == preset.settings() == from_command_line, preset.name
         # and the command the panel runs gives the same settings back
-        again = backend.settings_from_args(parser.parse_args([*inputs, *panel.commandLineArguments()]))
+        again = backend.settings_from_args(parser.parse_args([*inputs, *values.commandLineArguments()]))
         assert again == preset.settings(), preset.name
-    ct = settings.presetSettings("Phantom to CT").commandLineArguments()
+    ct = panel.presetSettings("Phantom to CT").commandLineArguments()
     assert dict(zip(ct[::2], ct[1::2]))["--normalization"] == "ct" and "--affine" in ct
     # every preset fills the same settings, so choosing one resets what another set
-    filled = {name: set(values) for name, values in settings.PRESETS.items()}
+    filled = {name: set(values) for name, values in panel.PRESETS.items()}
     assert all(keys == filled["Brain MRI"] for keys in filled.values()) and "window" in filled["Brain MRI"]
     assert {"normalization", "affine", "workingSpacing"} <= filled["Brain MRI"]
     # the quick learned preset is the benchmark's learned-refine configuration
-    quick = settings.presetSettings("Brain MRI, quick (learned)").commandLineArguments()
+    quick = panel.presetSettings("Brain MRI, quick (learned)").commandLineArguments()
     assert dict(zip(quick[::2], quick[1::2])) == {
         "--mode": "learned-refine",
         "--window": "3",
@@ -287,19 +287,19 @@ def test_settings_command_line_and_presets():
         "--refine-iterations": "4",
     }
     # the LNCC window: passed on when not the default, checked by the backend (odd)
-    assert settings.RegistrationSettings(window=7).backendSettings().optimization.window == 7
-    assert settings.RegistrationSettings(window=5).commandLineArguments() == ["--mode", "instance"]
+    assert panel.PanelSettings(window=7).backendSettings().optimization.window == 7
+    assert panel.PanelSettings(window=5).commandLineArguments() == ["--mode", "instance"]
     with pytest.raises(ValueError, match="window: must be odd"):
-        settings.RegistrationSettings(window=4)
+        panel.PanelSettings(window=4)
     # phantom mode only: other modes ignore it and pass no option
-    instance = settings.RegistrationSettings(mode="instance", fullResolutionIterations=50)
+    instance = panel.PanelSettings(mode="instance", fullResolutionIterations=50)
     assert instance.backendSettings().optimization.cnn_full_resolution_iterations == 0
     assert "--cnn-full-resolution-iterations" not in instance.commandLineArguments()
     with pytest.raises(ValueError, match="full-resolution iterations"):
-        settings.RegistrationSettings(fullResolutionIterations=-1)
+        panel.PanelSettings(fullResolutionIterations=-1)
     assert all(
         member.label()
-        for enum in (settings.Mode, settings.Similarity, settings.Regularizer, settings.Interpolation, settings.Device)
+        for enum in (panel.Mode, panel.Similarity, panel.Regularizer, panel.Interpolation, panel.Device)
         for member in enum
     )
 

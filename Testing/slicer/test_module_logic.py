@@ -85,9 +85,9 @@ def test_parameter_node_declaration(module):
     # of the parameter node under the same names (settingsFromParameterNode reads them so)
     import dataclasses
 
-    from CNNRegistrationLib.settings import RegistrationSettings
+    from CNNRegistrationLib.panel import PanelSettings
 
-    settable = {f.name for f in dataclasses.fields(RegistrationSettings)} - {"seed"}  # the panel keeps seed 0
+    settable = {f.name for f in dataclasses.fields(PanelSettings)} - {"seed"}  # the panel keeps seed 0
     assert settable <= set(hints), settable - set(hints)
     for name in ("mode", "similarity", "regularizer", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])

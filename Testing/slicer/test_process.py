@@ -14,8 +14,8 @@ slicer = pytest.importorskip("slicer")
 from mrmlhelpers import HERE, OBLIQUE, blob, makeVolume  # noqa: E402
 
 from cnnreg.settings import EXIT_INPUT  # noqa: E402
-from CNNRegistrationLib import process, registration  # noqa: E402
-from CNNRegistrationLib.settings import RegistrationSettings  # noqa: E402
+from CNNRegistrationLib import backendjob, process  # noqa: E402
+from CNNRegistrationLib.panel import PanelSettings  # noqa: E402
 
 CHILD = r"""
 import json, subprocess, sys, time
@@ -139,8 +139,8 @@ def test_job_cancel_removes_the_temporary_folder_and_adds_no_nodes(scene, tmp_pa
     monkeypatch.setenv("FAKE_CNNREG", "sleep")
     fixed, moving = smallPair(scene)
     before = sceneNodeIds(scene)
-    job = registration.RegistrationJob(
-        fixed, moving, RegistrationSettings(), extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path)
+    job = backendjob.RegistrationJob(
+        fixed, moving, PanelSettings(), extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path)
     )
     job.start()
     assert os.path.isfile(os.path.join(job.workDirectory, "fixed.nrrd"))
@@ -149,7 +149,7 @@ def test_job_cancel_removes_the_temporary_folder_and_adds_no_nodes(scene, tmp_pa
     pids = [int(p) for p in (tmp_path / "pids.txt").read_text().split()]
     job.cancel()
     assert not os.path.exists(job.workDirectory)
-    with pytest.raises(registration.RegistrationCancelled):
+    with pytest.raises(backendjob.RegistrationCancelled):
         job.finish()
     deadline = time.monotonic() + 5
     while any(pidAlive(pid) for pid in pids) and time.monotonic() < deadline:
@@ -162,8 +162,8 @@ def test_job_failure_reports_the_backend_message(scene, tmp_path, fakeBackend, m
     monkeypatch.setenv("FAKE_CNNREG", "fail")
     fixed, moving = smallPair(scene)
     before = sceneNodeIds(scene)
-    job = registration.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
-    with pytest.raises(registration.RegistrationError, match="rejected the input: moving image is constant") as caught:
+    job = backendjob.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
+    with pytest.raises(backendjob.RegistrationError, match="rejected the input: moving image is constant") as caught:
         job.run(timeout=60)
     assert caught.value.returncode == EXIT_INPUT
     assert not os.path.exists(job.workDirectory)
@@ -173,16 +173,16 @@ def test_job_failure_reports_the_backend_message(scene, tmp_path, fakeBackend, m
 def test_job_refuses_bad_node_choices(scene):
     fixed, moving = smallPair(scene)
     with pytest.raises(ValueError, match="different"):
-        registration.RegistrationJob(fixed, fixed)
+        backendjob.RegistrationJob(fixed, fixed)
     with pytest.raises(ValueError, match="output node is also an input"):
-        registration.RegistrationJob(fixed, moving, outputVolumeNode=moving)
+        backendjob.RegistrationJob(fixed, moving, outputVolumeNode=moving)
     with pytest.raises(ValueError, match="fixed and a moving"):
-        registration.RegistrationJob(fixed, None)
+        backendjob.RegistrationJob(fixed, None)
 
 
 def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
     fixed, moving = smallPair(scene)
-    settings = RegistrationSettings(
+    settings = PanelSettings(
         mode="instance",
         similarity="pcc+ssim",
         regularizer="tv",
@@ -192,7 +192,7 @@ def test_settings_reach_the_command_line(scene, tmp_path, fakeBackend):
         device="cpu",
         seed=3,
     )
-    job = registration.RegistrationJob(
+    job = backendjob.RegistrationJob(
         fixed, moving, settings, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path)
     )
     result = job.run(timeout=60)
@@ -258,8 +258,8 @@ def test_job_failures_are_named_and_leave_the_scene_as_it_was(
     monkeypatch.setenv("FAKE_CNNREG", behaviour)
     fixed, moving = smallPair(scene)
     before = sceneNodeIds(scene)
-    job = registration.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
-    with pytest.raises(registration.RegistrationError, match=message):
+    job = backendjob.RegistrationJob(fixed, moving, extraPythonPath=[fakeBackend], temporaryDirectory=str(tmp_path))
+    with pytest.raises(backendjob.RegistrationError, match=message):
         job.run(timeout=60)
     assert sceneNodeIds(scene) == before
 

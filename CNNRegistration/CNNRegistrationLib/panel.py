@@ -30,7 +30,7 @@ __all__ = [
     "Interpolation",
     "Mode",
     "Normalization",
-    "RegistrationSettings",
+    "PanelSettings",
     "Regularizer",
     "Similarity",
     "presetSettings",
@@ -46,7 +46,7 @@ WEIGHT_RANGE = (0.0, 100.0)
 
 
 @dataclasses.dataclass
-class RegistrationSettings:
+class PanelSettings:
     """Options of one registration run as the panel sets them.
 
     ``weight`` is the regularization weight (dimensionless, within :data:`WEIGHT_RANGE`);
@@ -99,7 +99,7 @@ class RegistrationSettings:
         self.backendSettings()  # the backend's own checks (e.g. interpolation allowed in the similarity)
 
     def backendSettings(self) -> backend.RegistrationSettings:
-        """The backend's settings for this run (``cnnreg.settings.RegistrationSettings``)."""
+        """The backend's settings for this run (``cnnreg.settings.PanelSettings``)."""
         iterations = int(self.iterations) or None
         optimization = backend.OptimizationSettings(
             similarity=self.similarity,
@@ -132,8 +132,8 @@ class RegistrationSettings:
 
 
 def panelValues(settings: backend.RegistrationSettings) -> dict:
-    """The panel's values (keyword arguments of :class:`RegistrationSettings`) that give the
-    backend's ``settings`` back through :meth:`RegistrationSettings.backendSettings`."""
+    """The panel's values (keyword arguments of :class:`PanelSettings`) that give the
+    backend's ``settings`` back through :meth:`PanelSettings.backendSettings`."""
     optimization = settings.optimization
     iterations = 0
     if settings.mode is Mode.LEARNED_REFINE and settings.refine_iterations != _DEFAULTS.refine_iterations:
@@ -158,13 +158,13 @@ def panelValues(settings: backend.RegistrationSettings) -> dict:
 
 #: Named settings that fill the panel in one click: the backend's presets
 #: (``cnnreg.settings.PRESETS``, also ``python -m cnnreg register --preset NAME``) by their
-#: label, as keyword arguments of :class:`RegistrationSettings`.  Every panel setting is filled,
+#: label, as keyword arguments of :class:`PanelSettings`.  Every panel setting is filled,
 #: so choosing one preset resets what another set.
 PRESETS = {preset.label: panelValues(preset.settings()) for preset in backend.PRESETS.values()}
 
 
-def presetSettings(name: str) -> RegistrationSettings:
+def presetSettings(name: str) -> PanelSettings:
     """Settings of a named preset (``KeyError`` listing the known names otherwise)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return RegistrationSettings(**PRESETS[name])
+    return PanelSettings(**PRESETS[name])

@@ -13,8 +13,8 @@ sitk = pytest.importorskip("SimpleITK")
 
 from mrmlhelpers import HERE, OBLIQUE, blob, makeVolume  # noqa: E402
 
-from CNNRegistrationLib import nodes, registration  # noqa: E402
-from CNNRegistrationLib.settings import RegistrationSettings  # noqa: E402
+from CNNRegistrationLib import backendjob, nodes  # noqa: E402
+from CNNRegistrationLib.panel import PanelSettings  # noqa: E402
 
 SHAPE = (14, 16, 18)
 SPACING = (1.3, 1.1, 1.6)
@@ -49,10 +49,10 @@ def test_job_outputs_with_label_map(scene, tmp_path, fakeBackend):
     labelmap = makeVolume(scene, labelArray(), SPACING, ORIGIN, OBLIQUE, "labels", "vtkMRMLLabelMapVolumeNode")
     inputs = {node.GetName(): slicer.util.arrayFromVolume(node).copy() for node in (fixed, moving, labelmap)}
     progress = []
-    job = registration.RegistrationJob(
+    job = backendjob.RegistrationJob(
         fixed,
         moving,
-        RegistrationSettings(),
+        PanelSettings(),
         movingLabelsNode=labelmap,
         fixedMaskNode=labelmap,
         extraPythonPath=[fakeBackend],
@@ -111,8 +111,8 @@ def test_job_outputs_with_segmentation_and_given_nodes(scene, tmp_path, fakeBack
     segmentation.GetSegmentation().GetNthSegment(1).SetName("spleen")
     outputVolume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my output")
     outputTransform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform")
-    settings = RegistrationSettings(keepTemporaryFiles=True)
-    job = registration.RegistrationJob(
+    settings = PanelSettings(keepTemporaryFiles=True)
+    job = backendjob.RegistrationJob(
         fixed,
         moving,
         settings,

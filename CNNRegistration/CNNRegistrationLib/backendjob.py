@@ -24,8 +24,8 @@ import slicer
 from cnnreg.settings import EXIT_CANCELLED, EXIT_DEVICE, EXIT_INPUT, EXIT_NUMERIC, OUTPUT_FILES
 
 from . import nodes
+from .panel import PanelSettings
 from .process import BackendProcess, insideSlicer
-from .settings import RegistrationSettings
 
 
 class RegistrationError(RuntimeError):
@@ -41,7 +41,7 @@ class RegistrationCancelled(RegistrationError):
 
 
 @dataclasses.dataclass
-class RegistrationResult:
+class JobResult:
     """Output nodes of a run and the backend's ``summary.json`` (keys include
     ``similarity_before``, ``similarity_after``, ``folding_percent``, ``min_jacobian``,
     ``sdlogj``, ``seconds``, ``device``)."""
@@ -61,7 +61,7 @@ class RegistrationJob:
     Args:
         fixedVolumeNode, movingVolumeNode: scalar volume nodes (their world geometry,
             including a linear parent transform, is used; they are never modified).
-        settings: :class:`RegistrationSettings` (defaults when None).
+        settings: :class:`PanelSettings` (defaults when None).
         movingLabelsNode: optional label map volume or segmentation node on the moving
             image, warped with nearest-neighbour interpolation into a new node of the same kind.
         fixedMaskNode: optional label map or segmentation on the fixed image (non-zero = inside).
@@ -78,7 +78,7 @@ class RegistrationJob:
         self,
         fixedVolumeNode,
         movingVolumeNode,
-        settings: RegistrationSettings | None = None,
+        settings: PanelSettings | None = None,
         movingLabelsNode=None,
         fixedMaskNode=None,
         outputVolumeNode=None,
@@ -100,7 +100,7 @@ class RegistrationJob:
             raise ValueError("the registered volume and the Jacobian map need two different nodes")
         self.fixedVolumeNode = fixedVolumeNode
         self.movingVolumeNode = movingVolumeNode
-        self.settings = settings or RegistrationSettings()
+        self.settings = settings or PanelSettings()
         self.movingLabelsNode = movingLabelsNode
         self.fixedMaskNode = fixedMaskNode
         self.outputVolumeNode = outputVolumeNode
@@ -170,7 +170,7 @@ class RegistrationJob:
         finally:
             self.cleanup()
 
-    def finish(self) -> RegistrationResult:
+    def finish(self) -> JobResult:
         """After the process has ended: load the outputs into nodes. Raises
         :class:`RegistrationCancelled` or :class:`RegistrationError`. Always cleans up."""
         try:
@@ -192,7 +192,7 @@ class RegistrationJob:
         progressCallback: Callable[[dict], None] | None = None,
         pollInterval: float = 0.1,
         timeout: float | None = None,
-    ) -> RegistrationResult:
+    ) -> JobResult:
         """Start, wait (calling ``progressCallback`` with every event) and finish. The process
         is cancelled if this call is interrupted or runs longer than ``timeout`` seconds."""
         self.start()
@@ -265,7 +265,7 @@ class RegistrationJob:
             return f"The registration failed (diverged, folded or made the images less similar): {detail}"
         return f"The registration backend failed (exit code {code}): {detail}"
 
-    def _loadOutputs(self) -> RegistrationResult:
+    def _loadOutputs(self) -> JobResult:
         folder = self.outputDirectory
         summaryPath = os.path.join(folder, OUTPUT_FILES["summary"])
         summary = self.summary or {}
@@ -322,7 +322,7 @@ class RegistrationJob:
             raise
         keep = self.settings.keepTemporaryFiles
         qcPath = os.path.join(folder, OUTPUT_FILES["qc"])
-        return RegistrationResult(
+        return JobResult(
             outputVolume=warped,
             outputTransform=transform,
             outputJacobian=jacobian,
