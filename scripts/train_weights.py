@@ -26,7 +26,7 @@ Data (installed by package managers on a fresh machine; nothing is downloaded at
   -- **held out**, validation only; so is the real MNI152 <-> Colin27 pair (training never
   pairs the two brains).
 
-Training pairs (:mod:`cnnreg.synth`): a brain is moved by a random affine map and smooth
+Training pairs (:mod:`cnnreg.training.synth`): a brain is moved by a random affine map and smooth
 deformation into a new "subject", its image taken as it is or synthesised from its label map
 (AAL regions + Otsu tissue classes, a random intensity per label, random blobs around the
 brain, blur), then paired with a copy of itself deformed by a random multi-scale
@@ -71,13 +71,13 @@ import prepare_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
 from cnnreg import image as im  # noqa: E402
-from cnnreg.augment import PairBatch, Sample, deform  # noqa: E402
 from cnnreg.checkpoint import file_sha256, load_checkpoint, plain, write_manifest  # noqa: E402
-from cnnreg.dataset import make_sample  # noqa: E402
 from cnnreg.progress import ProgressReporter  # noqa: E402
 from cnnreg.spatial import integrate_velocity  # noqa: E402
-from cnnreg.synth import multiscale_velocity  # noqa: E402
-from cnnreg.train import output_paths, settings_from_dict, train  # noqa: E402
+from cnnreg.training.augment import PairBatch, Sample, deform  # noqa: E402
+from cnnreg.training.dataset import make_sample  # noqa: E402
+from cnnreg.training.synth import multiscale_velocity  # noqa: E402
+from cnnreg.training.train import output_paths, settings_from_dict, train  # noqa: E402
 
 
 class Stage(NamedTuple):
@@ -85,7 +85,7 @@ class Stage(NamedTuple):
 
     name: str
     run_path: Path
-    settings: object  # cnnreg.train.TrainSettings
+    settings: object  # cnnreg.training.train.TrainSettings
     until_epoch: int | None
 
     @property
@@ -473,7 +473,7 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         "",
         "## Training",
         "",
-        "Pairs with a known answer are synthesised on the fly (`cnnreg.synth`, SynthMorph-style): a brain is",
+        "Pairs with a known answer are synthesised on the fly (`cnnreg.training.synth`, SynthMorph-style): a brain is",
         "moved by a random affine map and a smooth deformation into a new subject; its image is the real one",
         "or, half of the time, synthesised from its label map (116 AAL regions + Otsu tissue classes, a random",
         "intensity per label, random blobs in the background, blur); the pair is that image and a copy",
@@ -529,8 +529,8 @@ def parse_duration(text: str) -> float:
 
 def _validation_groups(network, pairs: list[PairBatch], settings) -> dict[str, dict]:
     """Validation metrics of ``network`` per kind of held-out pair (deformed copies, real pairs)."""
-    from cnnreg.distributed import Distributed
-    from cnnreg.train import validate
+    from cnnreg.training.distributed import Distributed
+    from cnnreg.training.train import validate
 
     groups = {
         "held-out brain vs known deformations": [p for p in pairs if p.true_field is not None],

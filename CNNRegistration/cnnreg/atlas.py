@@ -566,8 +566,8 @@ def _bar_event(event: dict) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .dataset import expand_paths
     from .device import describe_device, resolve_device
+    from .image import expand_paths
     from .outputs import check_output_folder, claimed_folder
     from .registration import check_memory
 

@@ -97,7 +97,7 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
 
 
 def _images_in(folder: str) -> list[str]:
-    from .dataset import expand_paths  # the folder listing `atlas` and `train` use
+    from .image import expand_paths  # the folder listing `atlas` and `train` use
 
     if not os.path.isdir(folder):
         raise InputError(f"{folder} is not a folder")

@@ -49,9 +49,9 @@ def _atlas():
 
 
 def _train():
-    from . import train_cli
+    from .training import cli
 
-    return train_cli
+    return cli
 
 
 def _simulation():

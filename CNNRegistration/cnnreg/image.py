@@ -660,3 +660,41 @@ def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(np.asarray(array).reshape(shape))
     image.CopyInformation(reference)
     return image
+
+
+#: image files a folder given as a list of images contributes (training, atlas, batch)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg")
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
+
+
+def expand_paths(entries: Sequence[str] | str | None) -> list[str]:
+    """Folders (their image files, sorted), list files (one path per line, relative to the
+    list's folder, ``#`` comments) and image files -> a flat list of image paths."""
+    if entries is None:
+        return []
+    if isinstance(entries, (str, os.PathLike)):
+        entries = [entries]
+    paths: list[str] = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if os.path.isdir(entry):
+            found = sorted(
+                os.path.join(entry, name)
+                for name in os.listdir(entry)
+                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+            )
+            if not found:
+                raise InputError(f"folder {entry} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif entry.lower().endswith(LIST_SUFFIXES):
+            if not os.path.isfile(entry):
+                raise InputError(f"image list file not found: {entry}")
+            base = os.path.dirname(os.path.abspath(entry))
+            with open(entry, encoding="utf-8") as handle:
+                for line in handle:
+                    line = line.split("#", 1)[0].strip()
+                    if line:
+                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+        else:
+            paths.append(entry)
+    return paths

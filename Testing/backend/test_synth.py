@@ -1,4 +1,4 @@
-"""Synthetic training pairs with a known field (cnnreg.synth) and the supervised training terms.
+"""Synthetic training pairs with a known field (cnnreg.training.synth) and the supervised training terms.
 
 Real data: the MNI152 2009a template at 2 mm (nilearn, installed with the test extras),
 downsampled to 32^3 or cut into 32^2 slices, with three rough intensity classes as labels.
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cnnreg.augment import AugmentSettings, Sample
-from cnnreg.dataset import index_labels, make_sample
 from cnnreg.networks import VoxelMorphNet
 from cnnreg.spatial import compose, integrate_velocity, warp
-from cnnreg.synth import (
+from cnnreg.training.augment import AugmentSettings, Sample
+from cnnreg.training.dataset import index_labels, make_sample
+from cnnreg.training.synth import (
     SynthPairSampler,
     SynthSettings,
     blob_labels,
@@ -24,7 +24,7 @@ from cnnreg.synth import (
     random_affine_field,
     synthesize,
 )
-from cnnreg.train import TrainSettings, epoch_learning_rate, field_error, train
+from cnnreg.training.train import TrainSettings, epoch_learning_rate, field_error, train
 
 NO_INTENSITY = AugmentSettings(gamma=0, contrast=0, bias_field=0, noise=0)
 

@@ -18,7 +18,12 @@ import torch
 import torch.multiprocessing as mp
 
 from cnnreg import cli
-from cnnreg.augment import (
+from cnnreg.checkpoint import load_checkpoint
+from cnnreg.errors import DeviceError, InputError
+from cnnreg.jacobian import jacobian_determinant
+from cnnreg.networks import CascadeNet, FAIMNet
+from cnnreg.settings import EXIT_INPUT
+from cnnreg.training.augment import (
     AugmentSettings,
     PairBatch,
     PairSampler,
@@ -28,14 +33,9 @@ from cnnreg.augment import (
     random_smooth_field,
     validation_pairs,
 )
-from cnnreg.checkpoint import load_checkpoint
-from cnnreg.dataset import index_labels, make_sample
-from cnnreg.distributed import Distributed
-from cnnreg.errors import DeviceError, InputError
-from cnnreg.jacobian import jacobian_determinant
-from cnnreg.networks import CascadeNet, FAIMNet
-from cnnreg.settings import EXIT_INPUT
-from cnnreg.train import (
+from cnnreg.training.dataset import index_labels, make_sample
+from cnnreg.training.distributed import Distributed
+from cnnreg.training.train import (
     Trainable,
     TrainSettings,
     output_paths,
@@ -294,7 +294,7 @@ def _ddp_worker(rank: int, folder: str, port: int) -> None:
     """One DDP process: the gradient of its half of the batch, averaged by DDP, saved to a file."""
     import torch.distributed as dist
 
-    from cnnreg.distributed import init_distributed
+    from cnnreg.training.distributed import init_distributed
 
     torch.set_num_threads(1)
     os.environ.update(

@@ -14,11 +14,11 @@ is made from one *source* (a real image with a label map on the working grid):
    ``fixed = base o phi, moving = base`` (answer ``exp(v)``), so that which side is
    interpolated (blurred) varies;
 4. both images get independent intensity changes (gamma, contrast, bias, noise;
-   :func:`cnnreg.augment.augment_intensity`).
+   :func:`cnnreg.training.augment.augment_intensity`).
 
 The pair carries its true field (``PairBatch.true_field``, voxels, pulling the moving image
 onto the fixed one, :mod:`cnnreg.settings`) and a foreground mask of the fixed image, for
-the supervised warm-up loss of :mod:`cnnreg.train`.  Every draw comes from an explicit CPU
+the supervised warm-up loss of :mod:`cnnreg.training.train`.  Every draw comes from an explicit CPU
 ``torch.Generator``.
 """
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..spatial import gaussian_smooth, integrate_velocity, warp
 from .augment import AugmentSettings, PairBatch, Sample, augment_intensity, coarse_noise, uniform
-from .spatial import gaussian_smooth, integrate_velocity, warp
 
 
 @dataclass

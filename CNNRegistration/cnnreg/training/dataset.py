@@ -1,58 +1,20 @@
 """Training data: image lists and folders, and samples resampled to a network's working grid.
 
-A :class:`cnnreg.augment.Sample` holds one image ``(1, *S)`` (normalised, on the working
+A :class:`cnnreg.training.augment.Sample` holds one image ``(1, *S)`` (normalised, on the working
 grid ``S``) and optionally its label map ``(1, *S)`` (nearest-neighbour resampled).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import image as im
+from .. import image as im
+from ..spatial import resize_image
 from .augment import Sample
-from .errors import InputError
-from .spatial import resize_image
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".jpg")
-LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
-
-
-def expand_paths(entries: Sequence[str] | str | None) -> list[str]:
-    """Folders (their image files, sorted), list files (one path per line, relative to the
-    list's folder, ``#`` comments) and image files -> a flat list of image paths."""
-    if entries is None:
-        return []
-    if isinstance(entries, (str, os.PathLike)):
-        entries = [entries]
-    paths: list[str] = []
-    for entry in entries:
-        entry = os.fspath(entry)
-        if os.path.isdir(entry):
-            found = sorted(
-                os.path.join(entry, name)
-                for name in os.listdir(entry)
-                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-            )
-            if not found:
-                raise InputError(f"folder {entry} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            paths.extend(found)
-        elif entry.lower().endswith(LIST_SUFFIXES):
-            if not os.path.isfile(entry):
-                raise InputError(f"image list file not found: {entry}")
-            base = os.path.dirname(os.path.abspath(entry))
-            with open(entry, encoding="utf-8") as handle:
-                for line in handle:
-                    line = line.split("#", 1)[0].strip()
-                    if line:
-                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
-        else:
-            paths.append(entry)
-    return paths
 
 
 def resize_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .spatial import gaussian_smooth, integrate_velocity, warp
+from ..spatial import gaussian_smooth, integrate_velocity, warp
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Sample:
 class PairBatch:
     """A batch of registration pairs ``(N, 1, *S)``; labels only when every pair has them in a
     common label space (else None); ``true_field`` (and its ``foreground`` mask) for pairs made
-    with a known answer (:mod:`cnnreg.synth`)."""
+    with a known answer (:mod:`cnnreg.training.synth`)."""
 
     fixed: torch.Tensor
     moving: torch.Tensor

@@ -4,8 +4,8 @@ Command line (also ``torchrun --nproc_per_node=N -m cnnreg train ...`` for data 
 
     python -m cnnreg train --images DIR_OR_LIST [--labels DIR_OR_LIST] [--config FILE] --out model.pt
 
-Settings come from :class:`cnnreg.train.TrainSettings` (a JSON/YAML ``--config`` file, then the
-flags that are given); the training itself is :func:`cnnreg.train.train_from_files`.
+Settings come from :class:`cnnreg.training.train.TrainSettings` (a JSON/YAML ``--config`` file, then the
+flags that are given); the training itself is :func:`cnnreg.training.train.train_from_files`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
+from ..progress import ProgressReporter, add_progress_argument
+from ..settings import Normalization, Regularizer, Similarity, choices
 from .distributed import init_distributed
-from .errors import InputError
-from .progress import ProgressReporter, add_progress_argument
-from .settings import Normalization, Regularizer, Similarity, choices
 from .train import DEFAULT_WORKING_SHAPE, TrainSettings, output_paths, settings_from_dict, train_from_files
 
 

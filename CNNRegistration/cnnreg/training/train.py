@@ -1,6 +1,6 @@
 """Train a learned registration network (FAIM- or VoxelMorph-style), unsupervised.
 
-Command line: :mod:`cnnreg.train_cli` (``python -m cnnreg train``).  As a function: :func:`train` on in-memory :class:`cnnreg.augment.Sample` lists, or
+Command line: :mod:`cnnreg.training.cli` (``python -m cnnreg train``).  As a function: :func:`train` on in-memory :class:`cnnreg.training.augment.Sample` lists, or
 :func:`train_from_files`.
 
 Loss per pair (``u`` on the fixed grid, voxels; :mod:`cnnreg.settings`)::
@@ -17,7 +17,7 @@ The refinement variant trains a :class:`~cnnreg.networks.CascadeNet` alternately
 ``alternate_every`` epochs the base network alone (loss on its own field), then as many the
 refinement network with the base frozen (loss on the composed field), and so on.
 
-Pairs are drawn on the fly (:class:`cnnreg.augment.PairSampler`): different images, and
+Pairs are drawn on the fly (:class:`cnnreg.training.augment.PairSampler`): different images, and
 images vs randomly deformed copies of themselves, with intensity augmentation; all images
 are resampled to the working grid.  Each epoch: validation on held-out pairs (Dice of
 labels warped with nearest neighbour when labels exist, similarity, folding), a checkpoint
@@ -49,19 +49,20 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import image as im
+from .. import image as im
+from ..checkpoint import load_checkpoint, plain, save_checkpoint
+from ..device import describe_device, seed_everything
+from ..errors import InputError
+from ..image import expand_paths
+from ..jacobian import folding_fraction, jacobian_determinant
+from ..losses import similarity_loss, similarity_options
+from ..networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
+from ..regularizers import negative_jacobian, regularization
+from ..settings import Normalization, Regularizer, Similarity, choices
+from ..spatial import compose, warp
 from .augment import AugmentSettings, PairBatch, PairSampler, Sample, validation_pairs
-from .checkpoint import load_checkpoint, plain, save_checkpoint
-from .dataset import expand_paths, index_labels, make_sample
-from .device import describe_device, seed_everything
+from .dataset import index_labels, make_sample
 from .distributed import Distributed, all_reduce_sum, init_distributed
-from .errors import InputError
-from .jacobian import folding_fraction, jacobian_determinant
-from .losses import similarity_loss, similarity_options
-from .networks import SHORT_NAMES, CascadeNet, build_network, parameter_count
-from .regularizers import negative_jacobian, regularization
-from .settings import Normalization, Regularizer, Similarity, choices
-from .spatial import compose, warp
 from .synth import SynthPairSampler, SynthSettings
 
 DEFAULT_WORKING_SHAPE = {2: (128, 128), 3: (64, 64, 64)}
@@ -97,10 +98,10 @@ class TrainSettings:
         val_cross_pairs: also validate on every ordered pair of different validation images and,
             with ``val_cross_train``, of each validation image with each training image (both ways).
         seed, device: random seed; ``auto``, ``cpu``, ``cuda[:N]``.
-        augment: :class:`cnnreg.augment.AugmentSettings` (a dict in JSON).
-        synthetic: :class:`cnnreg.synth.SynthSettings` (a dict in JSON): draw every training
-            pair from :class:`cnnreg.synth.SynthPairSampler` (pairs with a known field; the
-            training images then need label maps) instead of :class:`cnnreg.augment.PairSampler`.
+        augment: :class:`cnnreg.training.augment.AugmentSettings` (a dict in JSON).
+        synthetic: :class:`cnnreg.training.synth.SynthSettings` (a dict in JSON): draw every training
+            pair from :class:`cnnreg.training.synth.SynthPairSampler` (pairs with a known field; the
+            training images then need label maps) instead of :class:`cnnreg.training.augment.PairSampler`.
         supervised_weight: weight of the supervised term, the mean squared error (voxels^2)
             between the predicted and the true field over the fixed image's foreground, on
             pairs with a known field.
@@ -431,7 +432,7 @@ def validate(
     similarity loss, Dice after/before (labels warped with nearest neighbour; pairs with labels
     only), folding percent, and on pairs with a known field the mean end-point error (voxels,
     over the pair's foreground).  Dice / error values are None without such pairs."""
-    from .evaluate import dice_per_label
+    from ..evaluate import dice_per_label
 
     network.eval()
     sums = [0.0] * 9  # loss, similarity, folding, pairs, dice, dice_before, labelled pairs, error, known pairs
