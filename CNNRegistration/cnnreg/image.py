@@ -654,10 +654,13 @@ def _write_nifti_displacement(field: sitk.Image, path: str) -> None:
             os.remove(temporary)
 
 
-def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Working-axes array ``(D, H, W)``/``(H, W)`` -> image on ``reference``'s grid."""
-    shape = sitk.GetArrayViewFromImage(reference).shape
-    image = sitk.GetImageFromArray(np.asarray(array).reshape(shape))
+def array_to_image(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
+    """Array -> image on ``reference``'s grid: a working-axes array ``(D, H, W)``/``(H, W)`` (or
+    one with the reference's singleton axes), or with ``is_vector`` a field ``(*array_shape, dim)``."""
+    if is_vector:
+        image = sitk.GetImageFromArray(np.asarray(array), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(np.asarray(array).reshape(sitk.GetArrayViewFromImage(reference).shape))
     image.CopyInformation(reference)
     return image
 

@@ -218,3 +218,13 @@ def test_an_atlas_on_the_cluster_equals_the_serial_atlas(cohort, client):
     )
     assert [e["subject"] for e in events if e["event"] == "atlas"] == [1, 2, 3, 1, 2, 3]
     assert remote.history[-1]["similarity_after"] == serial.history[-1]["similarity_after"]
+
+
+def test_workers_get_glibcs_allocator_back(client):
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ (every large tensor mapped anew:
+    a registration 3.5x slower); a pair's task resets the thresholds on glibc."""
+    import platform
+
+    assert client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))  # what the workers start with
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert all(client.run(batch.worker_allocator).values())
