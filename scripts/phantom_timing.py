@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from cnnreg.optimize import pyramid_shapes  # noqa: E402
+from cnnreg.pyramid import pyramid_shapes  # noqa: E402
 from cnnreg.registration import register  # noqa: E402
 from cnnreg.settings import OptimizationSettings, RegistrationSettings  # noqa: E402
 

@@ -7,7 +7,7 @@ the keyword arguments it was built with in ``self.config`` so a checkpoint can r
 (:func:`build_network`, :mod:`cnnreg.checkpoint`).
 
 * :class:`UNet` -- a U-Net in the style of Chen et al. 2020 (a trainable architecture; phantom
-  mode optimises a :class:`VoxelMorphNet`, see :func:`cnnreg.optimize.phantom_network`).
+  mode optimises a :class:`VoxelMorphNet`, see :func:`cnnreg.phantom.phantom_network`).
 * :class:`FAIMNet` -- FAIM-style (Kuang & Schmah 2019): inception-like first block, strided
   convolutions down, transposed convolutions up, PReLU, residual (additive) skips.
 * :class:`VoxelMorphNet` -- VoxelMorph-2-style U-Net (strided encoder, concatenated skips).

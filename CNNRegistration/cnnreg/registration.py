@@ -30,9 +30,11 @@ from . import image as im
 from . import outputs
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import DeviceError, InputError
+from .instance import optimize_field
 from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_gain, similarity_options, similarity_value
-from .optimize import ProgressCallback, optimize_cnn, optimize_field
+from .phantom import optimize_cnn
+from .pyramid import ProgressCallback
 from .settings import (
     OUTPUT_FILES,
     Interpolation,

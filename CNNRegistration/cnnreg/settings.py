@@ -240,7 +240,7 @@ DENSE_LEARNING_RATES: dict[Optimizer, float] = {
     Optimizer.GREEDY: 0.25,
 }
 
-#: Adam step of the phantom CNN's weights (its last layer gets a larger one, see cnnreg.optimize);
+#: Adam step of the phantom CNN's weights (its last layer gets a larger one, see cnnreg.phantom);
 #: larger steps reach further but 3e-3 is close to unstable (docs/decisions.md)
 CNN_LEARNING_RATE = 2e-3
 
@@ -407,7 +407,7 @@ class OptimizationSettings:
         cnn_full_resolution_iterations: the phantom CNN sees the previous level's images at the
             finest level (its field, at half its input resolution, is resized to the finest grid,
             where the loss is evaluated); this many iterations follow with the CNN on the
-            full-size images (0 = none): see :func:`cnnreg.optimize.optimize_cnn`.
+            full-size images (0 = none): see :func:`cnnreg.phantom.optimize_cnn`.
         final_learning_rate: fraction of the learning rate reached at the end of each level
             (cosine decay; 1 = constant).
         patience, tolerance: stop a level when the loss has not improved by ``tolerance``

@@ -1,4 +1,4 @@
-"""cnnreg.optimize's parts, without a registration of images: the pyramid grids, the phantom
+"""the per-pair algorithms' parts (cnnreg.pyramid, cnnreg.phantom, cnnreg.field_optimizers), without a registration of images: the pyramid grids, the phantom
 CNN's field and initialisation, the dense-field optimisers and the learning-rate schedule
 (tested against torch's ``LambdaLR``), and that the dense-field modes never import
 ``torch._dynamo``."""
@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cnnreg.optimize import capped_shape, pyramid_shapes
+from cnnreg.pyramid import capped_shape, pyramid_shapes
 from cnnreg.settings import OptimizationSettings
 
 
@@ -31,7 +31,7 @@ def test_pyramid_and_capped_shapes():
 def test_the_phantom_field_from_a_coarser_network_input():
     """``input_shape``: the network sees the pair resampled to it (once per pair of tensors),
     and its field, resized to the level's grid in the level's voxels, is added to the base."""
-    from cnnreg.optimize import CNNField, phantom_network
+    from cnnreg.phantom import CNNField, phantom_network
     from cnnreg.spatial import resize_field, resize_image
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def test_the_phantom_network_keeps_its_features_from_vanishing():
     """Kaiming initialisation for LeakyReLU: the features that reach the zero head keep the
     input's scale (PyTorch's default initialisation left std 0.013 for an input of std 0.29,
     too little for the head's Adam steps to move the field)."""
-    from cnnreg.optimize import phantom_network
+    from cnnreg.phantom import phantom_network
 
     torch.manual_seed(0)
     network = phantom_network(3, 16)
@@ -72,7 +72,8 @@ def test_the_phantom_network_keeps_its_features_from_vanishing():
 
 
 def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
-    from cnnreg.optimize import CNNField, _learning_rate_factor
+    from cnnreg.phantom import CNNField
+    from cnnreg.pyramid import _learning_rate_factor
 
     factors = [_learning_rate_factor(step, 100, 0.1, warmup=10) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -84,7 +85,7 @@ def test_the_learning_rate_warms_up_then_decays_to_the_final_fraction():
 
 
 def test_dense_field_optimizer_steps_follow_their_update_rules():
-    from cnnreg.optimize import GlobalAdam, GreedyFluid, set_learning_rate_factor
+    from cnnreg.field_optimizers import GlobalAdam, GreedyFluid, set_learning_rate_factor
 
     gradient = torch.tensor([[[3.0, 0.0], [-4.0, 1.0]]])  # (1, ndim=2, 2 voxels): vectors (3, -4), (0, 1)
     for optimizer_class, expected in (
@@ -109,7 +110,8 @@ def test_dense_field_optimizer_steps_follow_their_update_rules():
 def test_learning_rate_factor_matches_torch_lambda_lr():
     from functools import partial
 
-    from cnnreg.optimize import _learning_rate_factor, set_learning_rate_factor
+    from cnnreg.field_optimizers import set_learning_rate_factor
+    from cnnreg.pyramid import _learning_rate_factor
 
     factor = partial(_learning_rate_factor, steps=8, final=0.1, warmup=2)
     p = torch.zeros(2, requires_grad=True)

@@ -1,4 +1,4 @@
-"""cnnreg.registration / cnnreg.optimize end to end.
+"""cnnreg.registration with the instance and phantom algorithms end to end.
 
 1. The coordinate convention, proved on an anisotropic, oblique, non-zero-origin image with a
    known translation: our torch warp, SimpleITK ``Resample`` through the exported field and the
@@ -697,7 +697,8 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair, finest_input):
     """The phantom CNN starts each level exactly from the previous level's field: the first loss
     of level 2 is the loss of level 1's final field (upsampled) on level 2's grid, and level 2
     then lowers it; also when level 2's network sees level 1's images (phantom mode's default)."""
-    from cnnreg.optimize import CNNField, loss_function, moving_sampler, phantom_network, run_pyramid
+    from cnnreg.phantom import CNNField, phantom_network
+    from cnnreg.pyramid import loss_function, moving_sampler, run_pyramid
     from cnnreg.spatial import resize_field, resize_image
 
     fixed = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["fixed"]))[None, None].float()
@@ -715,6 +716,7 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair, finest_input):
             fixed,
             moving,
             lambda base: CNNField(network, base, 1.0, finest_input if base.shape[2:] == shapes[1] else None),
+            lambda field: torch.optim.Adam(field.parameter_groups(CNN_LEARNING_RATE), lr=CNN_LEARNING_RATE),
             schedule,
             levels,
             callback=lambda e: losses.append((e["stage"], e["loss"])),
@@ -738,7 +740,7 @@ def test_a_level_change_keeps_the_phantom_field(mni_pair, finest_input):
 def test_the_phantom_finest_level_network_input(mni_pair, full_resolution_iterations):
     """The finest level's network sees the previous level's images (the loss stays at full size);
     ``cnn_full_resolution_iterations`` add a last stage on the full-size images."""
-    from cnnreg.optimize import optimize_cnn, phantom_network
+    from cnnreg.phantom import optimize_cnn, phantom_network
 
     fixed = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["fixed"]))[None, None].float()
     moving = torch.from_numpy(sitk.GetArrayFromImage(mni_pair["moving"]))[None, None].float()
@@ -755,7 +757,7 @@ def test_the_phantom_finest_level_network_input(mni_pair, full_resolution_iterat
         iterations=(2, 2, 2), features=4, cnn_full_resolution_iterations=full_resolution_iterations
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cnnreg.optimize.phantom_network", recording_network)
+        patch.setattr("cnnreg.phantom.phantom_network", recording_network)
         u = optimize_cnn(fixed, moving, settings, callback=lambda event: stages.append(event["stage"]))
     size = tuple(fixed.shape[2:])  # 40^3: levels 20^3 and 40^3 (10^3 is below phantom mode's 16)
     half = tuple(n // 2 for n in size)
