@@ -37,6 +37,7 @@ from .phantom import optimize_cnn
 from .pyramid import ProgressCallback
 from .settings import (
     OUTPUT_FILES,
+    REGISTRATION_SUMMARY,
     Interpolation,
     Mode,
     Normalization,
@@ -450,6 +451,8 @@ def register(
         "fixed_spacing": list(fixed.GetSpacing()),
         **jacobian,
     }
+    if set(summary) != set(REGISTRATION_SUMMARY):  # one definition: cnnreg.settings.REGISTRATION_SUMMARY
+        raise RuntimeError(f"summary keys differ from REGISTRATION_SUMMARY: {set(summary) ^ set(REGISTRATION_SUMMARY)}")
     return RegistrationResult(
         displacement=field_image,
         warped=warped,

@@ -269,6 +269,51 @@ OUTPUT_FILES = {
     "qc": "qc.png",
 }
 
+#: summary.json, defined once: key -> what it holds.  ``cnnreg.registration.register`` builds
+#: exactly these keys (it checks), ``write_result`` adds ``files`` and ``qc_error``, the command line
+#: ``provenance``; the Slicer module and the tests read them by these names.
+REGISTRATION_SUMMARY: dict[str, str] = {
+    "mode": "the mode run",
+    "similarity": "similarity measure",
+    "regularizer": "regularizer",
+    "weight": "regularizer weight",
+    "jacobian_weight": "folding-penalty weight",
+    "levels": "pyramid levels run",
+    "iterations": "iterations run per level (early stops included)",
+    "iterations_requested": "iterations asked for",
+    "device": "the device, in words",
+    "seed": "random seed",
+    "affine": "whether an affine pre-alignment ran",
+    "affine_matrix": "its matrix (LPS, fixed -> moving), or null",
+    "affine_offset_mm": "its translation, mm, or null",
+    "affine_determinant": "its determinant (1 without one)",
+    "normalization": "intensity normalisation",
+    "working_grid": "size and spacing (mm) of the grid the field was estimated on",
+    "interpolation": "how the moving image was sampled",
+    "labels_interpolation": "how the labels were warped (nearest or label-aware), or null",
+    "seconds": "registration time, s",
+    "similarity_before": "similarity before, over the whole fixed grid",
+    "similarity_after": "similarity after",
+    "similarity_overlap_before": "similarity before, where both images have data",
+    "similarity_overlap_after": "similarity after, where both images have data",
+    "failed": "why the registration failed, or null",
+    "warnings": "list of warnings",
+    "inverse_residual_mm": "forward after inverse residual, mm (mean, p95, max), or null",
+    "fixed_size": "fixed grid size (i, j, k)",
+    "fixed_spacing": "fixed grid spacing, mm",
+    "folding_fraction": "fraction of voxels with det J <= 0",
+    "folding_percent": "the same, %",
+    "min_jacobian": "smallest det J",
+    "max_jacobian": "largest det J",
+    "sdlogj": "standard deviation of log det J",
+}
+#: keys the writer and the command line add to :data:`REGISTRATION_SUMMARY`
+WRITTEN_SUMMARY: dict[str, str] = {
+    "files": "role -> file name of each output written",
+    "qc_error": "why qc.png could not be drawn (only then)",
+    "provenance": "command line, input files with SHA-256, versions, weights (command line only)",
+}
+
 # ----------------------------------------------------------------------------- option values
 
 

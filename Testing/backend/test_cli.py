@@ -19,36 +19,14 @@ import torch
 
 from cnnreg.cli import main
 from cnnreg.errors import WriteError
-from cnnreg.settings import EXIT_DEVICE, EXIT_INPUT, OUTPUT_FILES
+from cnnreg.settings import (
+    EXIT_DEVICE,
+    EXIT_INPUT,
+    OUTPUT_FILES,
+    REGISTRATION_SUMMARY,
+)
 
-SUMMARY_KEYS = {
-    "mode",
-    "similarity",
-    "regularizer",
-    "weight",
-    "jacobian_weight",
-    "levels",
-    "iterations",
-    "device",
-    "seed",
-    "affine",
-    "interpolation",
-    "normalization",
-    "seconds",
-    "similarity_before",
-    "similarity_after",
-    "similarity_overlap_before",
-    "similarity_overlap_after",
-    "failed",
-    "fixed_size",
-    "fixed_spacing",
-    "folding_fraction",
-    "folding_percent",
-    "min_jacobian",
-    "max_jacobian",
-    "sdlogj",
-    "files",
-}
+SUMMARY_KEYS = set(REGISTRATION_SUMMARY) | {"files", "provenance"}  # the one definition (cnnreg.settings)
 FAST = ["--device", "cpu", "--levels", "1", "--iterations", "4", "--features", "4", "--threads", "2"]
 
 

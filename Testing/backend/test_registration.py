@@ -20,36 +20,16 @@ import torch
 from cnnreg import image as im
 from cnnreg.errors import CancelledError, InputError
 from cnnreg.registration import check_output_folder, register, write_result
-from cnnreg.settings import CNN_LEARNING_RATE, OUTPUT_FILES, OptimizationSettings, RegistrationSettings
+from cnnreg.settings import (
+    CNN_LEARNING_RATE,
+    OUTPUT_FILES,
+    REGISTRATION_SUMMARY,
+    OptimizationSettings,
+    RegistrationSettings,
+)
 from cnnreg.spatial import lps_to_voxel, voxel_to_lps, warp
 
-SUMMARY_KEYS = {
-    "mode",
-    "similarity",
-    "regularizer",
-    "weight",
-    "jacobian_weight",
-    "levels",
-    "iterations",
-    "device",
-    "seed",
-    "affine",
-    "interpolation",
-    "normalization",
-    "seconds",
-    "similarity_before",
-    "similarity_after",
-    "similarity_overlap_before",
-    "similarity_overlap_after",
-    "failed",
-    "fixed_size",
-    "fixed_spacing",
-    "folding_fraction",
-    "folding_percent",
-    "min_jacobian",
-    "max_jacobian",
-    "sdlogj",
-}
+SUMMARY_KEYS = set(REGISTRATION_SUMMARY)  # the one definition (cnnreg.settings)
 
 
 # ======================================================================================

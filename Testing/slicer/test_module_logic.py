@@ -231,3 +231,28 @@ def test_the_sample_pair_is_offered_with_its_checksums():
             assert uri == REPOSITORY_FILES + FOLDER + name
             with open(os.path.join(ROOT, FOLDER, name), "rb") as handle:
                 assert checksum == "SHA256:" + hashlib.sha256(handle.read()).hexdigest(), name
+
+
+def test_the_module_reads_the_summary_by_its_defined_names():
+    """Every summary key CNNRegistration.py reads is one cnnreg.settings defines."""
+    import ast
+    import os
+
+    from mrmlhelpers import MODULE_DIR
+
+    from cnnreg.settings import REGISTRATION_SUMMARY, WRITTEN_SUMMARY
+
+    tree = ast.parse(open(os.path.join(MODULE_DIR, "CNNRegistration.py"), encoding="utf-8").read())
+    read = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            function = node.func
+            name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+            owner = getattr(function, "value", None)
+            if (name == "get" and getattr(owner, "id", "") == "summary") or name == "number":
+                read.add(node.args[0].value)
+        if isinstance(node, ast.Subscript) and "summary" in ast.unparse(node.value):
+            if isinstance(node.slice, ast.Constant):
+                read.add(node.slice.value)
+    assert {"similarity_before", "folding_percent", "device"} <= read
+    assert read <= set(REGISTRATION_SUMMARY) | set(WRITTEN_SUMMARY), read - set(REGISTRATION_SUMMARY)
