@@ -336,6 +336,7 @@ def run_batch(
         futures[future] = pair
     start = time.perf_counter()
     done = failed = 0
+    slots = max(1, sum(client.nthreads().values()))  # pairs that can run at once
     _write_tables(out_dir, pairs, rows)
     for future in as_completed(list(futures)):
         pair = futures[future]
@@ -357,7 +358,8 @@ def run_batch(
                 "status": rows[pair["name"]]["status"],
                 "done": done,
                 "failed": failed,
-                "running": len(futures) - finished,
+                "running": min(slots, len(futures) - finished),
+                "remaining": len(futures) - finished,
                 "total": len(futures),
                 "eta_s": round(elapsed / finished * (len(futures) - finished), 1),
             }
@@ -483,14 +485,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pair_reporter(report):
+    """Pair events as JSON lines (piped, or asked for) or, in a terminal, one bar over the pairs."""
+
     def forward(event: dict) -> None:
         if report.jsonl:
             report(event)
-        else:
-            print(
-                f"pairs {event['done']}/{event['total']} done, {event['failed']} failed, {event['running']} to go, "
-                f"ETA {event['eta_s']:.0f} s ({event['name']}: {event['status']})",
-                file=sys.stderr,
+        if report.bar:
+            filled = int(30 * (event["done"] + event["failed"]) / max(event["total"], 1))
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] pairs {event['done']} done, {event['failed']} failed, "
+                f"{event['running']} running, {event['remaining']} to go, ETA {event['eta_s']:.0f} s   "
             )
+            if event["remaining"] == 0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
 
     return forward

@@ -228,3 +228,17 @@ def test_workers_get_glibcs_allocator_back(client):
     assert client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))  # what the workers start with
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert all(client.run(batch.worker_allocator).values())
+
+
+def test_a_terminal_sees_one_bar_over_the_pairs(capsys):
+    """In a terminal: one line redrawn (pairs done, failed, running, to go, ETA), ended when the last
+    pair is in."""
+    from types import SimpleNamespace
+
+    terminal = batch._pair_reporter(SimpleNamespace(jsonl=False, bar=True))
+    for done, remaining in ((1, 2), (2, 1), (3, 0)):
+        event = {"done": done, "failed": 0, "running": min(2, remaining), "remaining": remaining, "total": 3}
+        terminal({**event, "eta_s": 10.0 * remaining, "name": f"p{done}", "status": "done"})
+    err = capsys.readouterr().err
+    assert err.count("\r[") == 3 and err.endswith("\n") and err.count("\n") == 1
+    assert "pairs 3 done, 0 failed, 0 running, 0 to go, ETA 0 s" in err
