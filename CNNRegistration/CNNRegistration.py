@@ -40,6 +40,7 @@ from CNNRegistrationLib.panel import (
     PanelSettings,
     Regularizer,
     Similarity,
+    settingsFrom,
 )
 
 #
@@ -396,22 +397,7 @@ class CNNRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def settingsFromParameterNode(parameterNode) -> PanelSettings:
-        return PanelSettings(
-            mode=parameterNode.mode,
-            similarity=parameterNode.similarity,
-            regularizer=parameterNode.regularizer,
-            weight=parameterNode.weight,
-            jacobianWeight=parameterNode.jacobianWeight,
-            window=parameterNode.window,
-            iterations=parameterNode.iterations,
-            fullResolutionIterations=parameterNode.fullResolutionIterations,
-            interpolation=parameterNode.interpolation,
-            normalization=parameterNode.normalization,
-            affine=parameterNode.affine,
-            workingSpacing=parameterNode.workingSpacing,
-            device=parameterNode.device,
-            keepTemporaryFiles=parameterNode.keepTemporaryFiles,
-        )
+        return settingsFrom(parameterNode)
 
     @staticmethod
     def applyPreset(parameterNode, name: str) -> None:

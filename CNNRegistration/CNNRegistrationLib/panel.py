@@ -163,6 +163,17 @@ def panelValues(settings: backend.RegistrationSettings) -> dict:
 PRESETS = {preset.label: panelValues(preset.settings()) for preset in backend.PRESETS.values()}
 
 
+#: the panel's settings the module's parameter node holds, under the same names (the panel's runs
+#: keep the default seed)
+PARAMETER_NODE_FIELDS = tuple(f.name for f in dataclasses.fields(PanelSettings) if f.name != "seed")
+
+
+def settingsFrom(values) -> PanelSettings:
+    """The :class:`PanelSettings` held by ``values`` (e.g. the module's parameter node), read
+    by the names of :data:`PARAMETER_NODE_FIELDS`."""
+    return PanelSettings(**{name: getattr(values, name) for name in PARAMETER_NODE_FIELDS})
+
+
 def presetSettings(name: str) -> PanelSettings:
     """Settings of a named preset (``KeyError`` listing the known names otherwise)."""
     if name not in PRESETS:

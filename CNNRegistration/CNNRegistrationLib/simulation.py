@@ -13,8 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -237,22 +237,17 @@ def exportFromPanel(
 def _runBackend(arguments, python, extraPythonPath, workDirectory, timeout) -> None:
     process = BackendProcess(arguments, python=python, extraPythonPath=extraPythonPath, workingDirectory=workDirectory)
     process.start()
-    started = time.monotonic()
-    events = []
     try:
-        while process.running:
-            events += process.poll()
-            if timeout is not None and time.monotonic() - started > timeout:
-                raise SimulationExportError(f"simulation-inputs did not finish within {timeout:g} s")
-            time.sleep(0.05)
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.cancel()
+        raise SimulationExportError(f"simulation-inputs did not finish within {timeout:g} s") from None
     except BaseException:
         process.cancel()
         raise
-    events += process.poll()
-    if process.returncode != 0:
-        errors = [e.get("message") for e in events if e.get("event") == "error" and e.get("message")]
-        detail = errors[-1] if errors else process.stderrTail(8) or "no message"
-        raise SimulationExportError(f"simulation-inputs failed (exit code {process.returncode}): {detail}")
+    if code != 0:  # the command names the problem on stderr
+        detail = process.stderrTail(8) or "no message"
+        raise SimulationExportError(f"simulation-inputs failed (exit code {code}): {detail}")
 
 
 def _loadOrgans(folder: str, table: list, organsNode, fixedVolumeNode):

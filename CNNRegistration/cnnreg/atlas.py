@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from . import image as im
 from .errors import InputError
 from .outputs import add_overwrite_any_folder_argument
-from .progress import ProgressReporter, add_progress_argument, set_threads
+from .progress import ProgressReporter, add_progress_argument, set_threads, wants_bar, wants_jsonl
 from .settings import Normalization, RegistrationSettings, add_method_arguments, settings_from_args
 
 #: file names inside the output folder
@@ -593,10 +593,8 @@ def run(args: argparse.Namespace) -> int:
     for path in image_paths:  # from the headers, before anything large is read
         check_memory(reference_size, im.size_from_header(path, "image"), settings)
 
-    piped = args.progress == "auto" and not sys.stdout.isatty()
-    json_report = ProgressReporter("jsonl" if args.progress == "jsonl" or piped else "none")
-    show_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
-    bar = ProgressReporter("bar") if show_bar else None
+    json_report = ProgressReporter("jsonl" if wants_jsonl(args.progress) else "none")
+    bar = ProgressReporter("bar") if wants_bar(args.progress) else None
 
     def report(event: dict) -> None:
         json_report(event)

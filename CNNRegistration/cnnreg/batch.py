@@ -255,7 +255,7 @@ def local_cluster_shape(pairs: Sequence[dict], method_settings, cores: int, thre
     largest pair allows."""
     from . import image as im
     from .device import available_memory_bytes
-    from .registration import estimate_memory_bytes, working_spacing
+    from .registration import memory_needed
 
     threads = threads or max(1, min(2, cores))
     workers = max(1, cores // threads)
@@ -266,9 +266,7 @@ def local_cluster_shape(pairs: Sequence[dict], method_settings, cores: int, thre
             moving = im.size_from_header(pair["moving"], "moving image")
         except InputError:
             continue  # the pair will fail with this message on its own
-        working = im.working_size(size, spacing, working_spacing(method_settings, size, spacing))
-        mode, features = method_settings.mode, method_settings.optimization.features
-        largest = max(largest, estimate_memory_bytes(size, moving, mode, working, features))
+        largest = max(largest, memory_needed(size, moving, method_settings, spacing)[0])
     available = available_memory_bytes()
     if largest and available:
         workers = max(1, min(workers, int(available // largest)))
@@ -289,7 +287,8 @@ def _distributed():
 def connect(args: argparse.Namespace, pairs: Sequence[dict], method_settings):
     """A ``distributed.Client`` for ``--scheduler``, ``--cluster`` or a local cluster; returns
     (client, cluster or None, threads per registration)."""
-    Client, LocalCluster = _distributed().Client, _distributed().LocalCluster
+    distributed = _distributed()
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
     if args.scheduler:
         return Client(args.scheduler), None, args.threads or 1
     if args.cluster:

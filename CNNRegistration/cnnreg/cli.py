@@ -23,7 +23,7 @@ import sys
 
 from .errors import CancelledError, CnnregError, DeviceError, InputError
 from .outputs import add_overwrite_any_folder_argument
-from .progress import ProgressReporter, add_progress_argument, set_threads
+from .progress import ProgressReporter, add_progress_argument, set_threads, wants_jsonl
 from .settings import (
     EXIT_CANCELLED,
     EXIT_DEVICE,
@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None, handle_signals: bool = False) -> int:
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), _raise_keyboard_interrupt)
-    style = getattr(args, "progress", "none")
-    progress_jsonl = style == "jsonl" or (style == "auto" and not sys.stdout.isatty())
+    progress_jsonl = wants_jsonl(getattr(args, "progress", "none"))
 
     def fail(code: int, message: str) -> int:
         if progress_jsonl:

@@ -22,9 +22,8 @@ class ProgressReporter:
     def __init__(self, style: str = "auto", stream=None, bar_stream=None):
         self.stream = stream or sys.stdout
         self.bar_stream = bar_stream or sys.stderr
-        # in a terminal a bar and a human summary; JSON lines for programs (piped, or asked for)
-        self.jsonl = style == "jsonl" or (style == "auto" and not _isatty(self.stream))
-        self.bar = style == "bar" or (style == "auto" and _isatty(self.bar_stream))
+        self.jsonl = wants_jsonl(style, self.stream)
+        self.bar = wants_bar(style, self.bar_stream)
         self.started = time.perf_counter()
 
     def __call__(self, event: dict) -> None:
@@ -42,6 +41,17 @@ class ProgressReporter:
             self.bar_stream.flush()
         if self.bar and event.get("event") in ("done", "error"):
             self.bar_stream.write("\n")
+
+
+def wants_jsonl(style: str, stream=None) -> bool:
+    """JSON lines for programs: asked for, or ``auto`` with ``stream`` (stdout) piped; a terminal
+    gets a bar and a human summary instead."""
+    return style == "jsonl" or (style == "auto" and not _isatty(stream or sys.stdout))
+
+
+def wants_bar(style: str, stream=None) -> bool:
+    """A progress bar: asked for, or ``auto`` with ``stream`` (stderr) a terminal."""
+    return style == "bar" or (style == "auto" and _isatty(stream or sys.stderr))
 
 
 def _isatty(stream) -> bool:

@@ -103,6 +103,21 @@ def working_spacing(settings: RegistrationSettings, size: Sequence[int], spacing
     return max(settings.working_spacing, im.budget_spacing(size, spacing, settings.max_working_voxels))
 
 
+def memory_needed(
+    fixed_size: Sequence[int],
+    moving_size: Sequence[int],
+    settings: RegistrationSettings,
+    fixed_spacing: Sequence[float] | None = None,
+) -> tuple[int, tuple[int, ...], float]:
+    """(bytes, working grid size, working spacing mm) of a run on images of these sizes: the
+    grid the field is estimated on (:func:`working_spacing`) and :func:`estimate_memory_bytes`."""
+    spacing = fixed_spacing if fixed_spacing is not None else (1.0,) * len(fixed_size)
+    chosen = working_spacing(settings, fixed_size, spacing)
+    working = im.working_size(fixed_size, spacing, chosen)
+    features = settings.optimization.features
+    return estimate_memory_bytes(fixed_size, moving_size, settings.mode, working, features), working, chosen
+
+
 def check_memory(
     fixed_size: Sequence[int],
     moving_size: Sequence[int],
@@ -115,11 +130,9 @@ def check_memory(
     Returns the estimate in bytes."""
     from .device import available_memory_bytes
 
+    needed, working, chosen = memory_needed(fixed_size, moving_size, settings, fixed_spacing)
     spacing = fixed_spacing if fixed_spacing is not None else (1.0,) * len(fixed_size)
-    chosen = working_spacing(settings, fixed_size, spacing)
-    working = im.working_size(fixed_size, spacing, chosen)
     features = settings.optimization.features
-    needed = estimate_memory_bytes(fixed_size, moving_size, settings.mode, working, features)
     available = available_memory_bytes()
     if available is not None and needed > available and resolve_device(settings.device).type == "cpu":
         advice = "crop or resample the images"

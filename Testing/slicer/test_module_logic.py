@@ -85,10 +85,10 @@ def test_parameter_node_declaration(module):
     # of the parameter node under the same names (settingsFromParameterNode reads them so)
     import dataclasses
 
-    from CNNRegistrationLib.panel import PanelSettings
+    from CNNRegistrationLib.panel import PARAMETER_NODE_FIELDS, PanelSettings
 
-    settable = {f.name for f in dataclasses.fields(PanelSettings)} - {"seed"}  # the panel keeps seed 0
-    assert settable <= set(hints), settable - set(hints)
+    assert set(PARAMETER_NODE_FIELDS) == {f.name for f in dataclasses.fields(PanelSettings)} - {"seed"}
+    assert set(PARAMETER_NODE_FIELDS) <= set(hints), set(PARAMETER_NODE_FIELDS) - set(hints)
     for name in ("mode", "similarity", "regularizer", "device"):
         assert issubclass(hints[name], enum.Enum) and isinstance(defaults[name], hints[name])
     # interpolation: the mode's default or a choice the similarity term allows (the enum also
