@@ -28,6 +28,9 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(BACKEND_ROOT))
     import cnnreg  # noqa: F401
 
+# the tests' shared helper modules (clihelpers) beside this file (--import-mode=importlib adds none)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,9 +59,9 @@ def mni_template() -> np.ndarray:
     return array / array.max()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def keep_sigterm_handler():
-    """``cnnreg.cli.main`` installs a SIGTERM handler; restore pytest's after an in-process call."""
+    """``cnnreg.cli.main`` installs a SIGTERM handler; restore pytest's after every test."""
     previous = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, previous)
@@ -138,3 +141,34 @@ def synth() -> SimpleNamespace:
         rotation_matrix=rotation_matrix,
         planted_fold=planted_fold,
     )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, synth):
+    """Small 3D pair on an anisotropic, off-origin grid, labels on the moving grid, plus bad inputs."""
+    folder = tmp_path_factory.mktemp("inputs")
+    geometry = dict(spacing=(1.1, 0.9, 1.6), origin=(-10.0, 5.0, 2.5))
+    fixed_array = synth.blob_array((16, 20, 18), seed=8)
+    moving_array = np.roll(fixed_array, (1, -1, 2), axis=(0, 1, 2))
+    labels_array = (moving_array > 0.3 * moving_array.max()).astype(np.uint8) + (
+        moving_array > 0.6 * moving_array.max()
+    ).astype(np.uint8)
+    paths = {}
+
+    def save(name, image):
+        paths[name] = str(folder / name)
+        sitk.WriteImage(image, paths[name])
+
+    save("fixed.nii.gz", synth.make_image(fixed_array, **geometry))
+    save("moving.nii.gz", synth.make_image(moving_array, **geometry))
+    save("labels.nii.gz", synth.make_image(labels_array, **geometry))
+    nan_array = moving_array.copy()
+    nan_array[3, 4, 5] = np.nan
+    save("nan.nrrd", synth.make_image(nan_array, **geometry))
+    save("constant.nii.gz", synth.make_image(np.full_like(moving_array, 0.5), **geometry))
+    save("slice2d.nii.gz", synth.make_image(fixed_array[8]))
+    save("labels_elsewhere.nii.gz", synth.make_image(labels_array[:, :, :-2], **geometry))
+    (folder / "garbage.nii.gz").write_bytes(b"not an image at all" * 40)
+    paths["garbage.nii.gz"] = str(folder / "garbage.nii.gz")
+    paths["folder"] = folder
+    return paths

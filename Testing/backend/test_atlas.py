@@ -44,11 +44,6 @@ def _physical_centroid(image: sitk.Image) -> np.ndarray:
     return (points * weights[..., None]).sum(axis=(0, 1)) / weights.sum()
 
 
-@pytest.fixture(autouse=True)
-def _restore_sigterm(keep_sigterm_handler):
-    yield
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, synth):
     """Three small 2D subjects with label maps, a 3D image, and a list file of the subjects."""

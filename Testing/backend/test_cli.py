@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from clihelpers import FAST, SAMPLE, register_args, sample_args, snapshot
 
 from cnnreg.cli import main
-from cnnreg.errors import WriteError
 from cnnreg.settings import (
     EXIT_DEVICE,
     EXIT_INPUT,
@@ -27,62 +27,13 @@ from cnnreg.settings import (
 )
 
 SUMMARY_KEYS = set(REGISTRATION_SUMMARY) | {"files", "provenance"}  # the one definition (cnnreg.settings)
-FAST = ["--device", "cpu", "--levels", "1", "--iterations", "4", "--features", "4", "--threads", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_sigterm(keep_sigterm_handler):
-    """main() installs a SIGTERM handler; give pytest its own back after each test."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, synth):
-    """Small 3D pair on an anisotropic, off-origin grid, labels on the moving grid, plus bad inputs."""
-    folder = tmp_path_factory.mktemp("inputs")
-    geometry = dict(spacing=(1.1, 0.9, 1.6), origin=(-10.0, 5.0, 2.5))
-    fixed_array = synth.blob_array((16, 20, 18), seed=8)
-    moving_array = np.roll(fixed_array, (1, -1, 2), axis=(0, 1, 2))
-    labels_array = (moving_array > 0.3 * moving_array.max()).astype(np.uint8) + (
-        moving_array > 0.6 * moving_array.max()
-    ).astype(np.uint8)
-    paths = {}
-
-    def save(name, image):
-        paths[name] = str(folder / name)
-        sitk.WriteImage(image, paths[name])
-
-    save("fixed.nii.gz", synth.make_image(fixed_array, **geometry))
-    save("moving.nii.gz", synth.make_image(moving_array, **geometry))
-    save("labels.nii.gz", synth.make_image(labels_array, **geometry))
-    nan_array = moving_array.copy()
-    nan_array[3, 4, 5] = np.nan
-    save("nan.nrrd", synth.make_image(nan_array, **geometry))
-    save("constant.nii.gz", synth.make_image(np.full_like(moving_array, 0.5), **geometry))
-    save("slice2d.nii.gz", synth.make_image(fixed_array[8]))
-    save("labels_elsewhere.nii.gz", synth.make_image(labels_array[:, :, :-2], **geometry))
-    (folder / "garbage.nii.gz").write_bytes(b"not an image at all" * 40)
-    paths["garbage.nii.gz"] = str(folder / "garbage.nii.gz")
-    paths["folder"] = folder
-    return paths
-
-
-def _register_args(inputs, out, *extra, moving="moving.nii.gz", fixed="fixed.nii.gz", labels="labels.nii.gz"):
-    args = ["register", "--fixed", inputs[fixed], "--moving", inputs[moving], "--out", str(out)]
-    if labels:
-        args += ["--moving-labels", inputs[labels]]
-    return args + list(extra)
-
-
-def _snapshot(folder: Path) -> dict:
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="module")
 def cli_run(inputs, tmp_path_factory, subprocess_env):
     """``python -m cnnreg register`` in a subprocess (phantom mode, tiny schedule)."""
     out = tmp_path_factory.mktemp("runs") / "result"
-    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, *FAST)]
+    command = [sys.executable, "-m", "cnnreg", *register_args(inputs, out, *FAST)]
     completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300)
     return dict(out=out, completed=completed)
 
@@ -160,23 +111,21 @@ def test_register_progress_lines(cli_run):
 
 def test_second_run_without_overwrite_is_refused_and_leaves_files_untouched(cli_run, inputs, capsys):
     out = cli_run["out"]
-    before = _snapshot(out)
-    code = main(_register_args(inputs, out, *FAST))
+    before = snapshot(out)
+    code = main(register_args(inputs, out, *FAST))
     captured = capsys.readouterr()
     assert code == EXIT_INPUT == 2
     assert str(out) in captured.err and "--overwrite" in captured.err
     error = json.loads(captured.out.strip().splitlines()[-1])
     assert error["event"] == "error" and error["exit_code"] == 2 and str(out) in error["message"]
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_overwrite_replaces_the_results(inputs, tmp_path, capsys):
     out = tmp_path / "again"
-    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0  # an earlier run, with its QC
+    assert main(register_args(inputs, out, "--progress", "none", *FAST)) == 0  # an earlier run, with its QC
     assert (out / "qc.png").exists()
-    code = main(
-        _register_args(inputs, out, "--overwrite", "--mode", "instance", "--no-qc", "--progress", "none", *FAST)
-    )
+    code = main(register_args(inputs, out, "--overwrite", "--mode", "instance", "--no-qc", "--progress", "none", *FAST))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out == ""  # --progress none: no JSON lines
@@ -209,7 +158,7 @@ def test_bad_input_exits_2_with_a_message_and_no_output(inputs, tmp_path, capsys
     paths = dict(inputs)
     paths["missing.nii.gz"] = str(inputs["folder"] / "missing.nii.gz")
     out = tmp_path / "never"
-    code = main(_register_args(paths, out, *FAST, **arguments))
+    code = main(register_args(paths, out, *FAST, **arguments))
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.startswith("cnnreg register: error: ") and message in captured.err
@@ -230,7 +179,7 @@ def test_bad_input_exits_2_with_a_message_and_no_output(inputs, tmp_path, capsys
 def test_unknown_option_values_are_rejected_by_the_parser(inputs, tmp_path, capsys, option, value):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:
-        main(_register_args(inputs, out, option, value))
+        main(register_args(inputs, out, option, value))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert option in err and value in err
@@ -240,7 +189,7 @@ def test_unknown_option_values_are_rejected_by_the_parser(inputs, tmp_path, caps
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_requested_without_a_gpu_exits_3(inputs, tmp_path, capsys):
     out = tmp_path / "never"
-    code = main(_register_args(inputs, out, "--device", "cuda", "--iterations", "1"))
+    code = main(register_args(inputs, out, "--device", "cuda", "--iterations", "1"))
     assert code == EXIT_DEVICE == 3
     assert "no CUDA GPU" in capsys.readouterr().err
     assert not out.exists()
@@ -249,7 +198,7 @@ def test_cuda_requested_without_a_gpu_exits_3(inputs, tmp_path, capsys):
 def test_learned_mode_without_weights_is_a_clear_input_error(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CNNREG_MODELS_DIR", str(tmp_path / "no_models"))
     out = tmp_path / "never"
-    code = main(_register_args(inputs, out, "--mode", "learned", "--device", "cpu"))
+    code = main(register_args(inputs, out, "--mode", "learned", "--device", "cpu"))
     assert code == 2
     assert "no shipped 3D weights" in capsys.readouterr().err
     assert not out.exists()
@@ -258,14 +207,14 @@ def test_learned_mode_without_weights_is_a_clear_input_error(inputs, tmp_path, c
 def test_zero_features_is_a_clear_input_error(inputs, tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:  # refused while parsing, exit code 2
-        main(_register_args(inputs, out, *FAST, "--features", "0"))
+        main(register_args(inputs, out, *FAST, "--features", "0"))
     assert exit_info.value.code == 2 and "--features: must be >= 1" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_bad_input_in_a_real_process(inputs, tmp_path, subprocess_env):
     out = tmp_path / "never"
-    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, moving="constant.nii.gz")]
+    command = [sys.executable, "-m", "cnnreg", *register_args(inputs, out, moving="constant.nii.gz")]
     completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=120)
     assert completed.returncode == 2
     assert "is constant" in completed.stderr and "Traceback" not in completed.stderr
@@ -315,7 +264,7 @@ def test_apply_reproduces_warped_image(cli_run, inputs, tmp_path):
 
 def test_register_and_apply_with_cubic_interpolation(inputs, tmp_path, capsys):
     out = tmp_path / "cubic"
-    args = _register_args(inputs, out, *FAST, "--mode", "instance", "--interpolation", "cubic")
+    args = register_args(inputs, out, *FAST, "--mode", "instance", "--interpolation", "cubic")
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interpolation"] == "cubic" and summary["similarity_after"] > summary["similarity_before"]
@@ -483,123 +432,6 @@ def test_register_without_mode_is_instance_mode():
 # --------------------------------------------------------------------------------------
 
 
-def _first_run(inputs, out):
-    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0
-    return _snapshot(out)
-
-
-def test_a_failed_write_leaves_the_old_results_intact(inputs, tmp_path, capsys, monkeypatch):
-    from cnnreg import outputs
-
-    out = tmp_path / "results"
-    before = _first_run(inputs, out)
-    calls = []
-
-    def short_write(path, expected):  # the second file "does not read back" (as on a full disk)
-        calls.append(path)
-        if len(calls) == 2:
-            raise WriteError(f"writing {path} failed: the file does not hold what was written")
-
-    monkeypatch.setattr(outputs, "verify_image_file", short_write)
-    code = main(_register_args(inputs, out, "--overwrite", "--progress", "none", "--seed", "5", *FAST))
-    assert code == EXIT_DEVICE == 3 and "does not hold what was written" in capsys.readouterr().err
-    assert _snapshot(out) == before  # the earlier run, untouched
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inputs") == ["results"]
-
-
-def test_cancel_during_the_write_phase_leaves_nothing_new(inputs, tmp_path, capsys, monkeypatch):
-    from cnnreg import registration
-
-    out = tmp_path / "fresh"
-    original = registration.im.write_image
-    count = []
-
-    def interrupted(image, path, compress=True):
-        count.append(path)
-        if len(count) == 3:
-            raise KeyboardInterrupt
-        original(image, path, compress)
-
-    monkeypatch.setattr(registration.im, "write_image", interrupted)
-    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 130
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh.")]
-
-
-def test_a_link_in_the_output_folder_is_replaced_not_followed(inputs, tmp_path):
-    out = tmp_path / "linked"
-    out.mkdir()
-    moving_bytes = Path(inputs["moving.nii.gz"]).read_bytes()
-    os.symlink(inputs["moving.nii.gz"], out / "warped.nii.gz")
-    assert main(_register_args(inputs, out, "--overwrite", "--progress", "none", *FAST)) == 0
-    assert Path(inputs["moving.nii.gz"]).read_bytes() == moving_bytes  # the input is untouched
-    assert not (out / "warped.nii.gz").is_symlink()
-
-
-def test_an_input_inside_the_output_folder_is_refused(inputs, tmp_path, capsys):
-    out = tmp_path / "holds_input"
-    out.mkdir()
-    moving = out / "my_moving.nii.gz"
-    moving.write_bytes(Path(inputs["moving.nii.gz"]).read_bytes())
-    args = _register_args(
-        {**inputs, "mine": str(moving)}, out, "--overwrite", "--progress", "none", *FAST, moving="mine"
-    )
-    assert main(args) == EXIT_INPUT and "inside the output folder" in capsys.readouterr().err
-    assert moving.exists()
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_an_unwritable_output_folder_is_found_before_any_work(inputs, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        assert main(_register_args(inputs, locked / "out", "--progress", "none", *FAST)) == EXIT_INPUT
-    finally:
-        locked.chmod(0o700)
-    assert "cannot write into" in capsys.readouterr().err
-
-
-def test_an_output_path_under_a_file_is_found_before_any_work(inputs, tmp_path, capsys, monkeypatch):
-    from cnnreg import registration
-
-    monkeypatch.setattr(registration, "register", lambda *a, **k: pytest.fail("registered before checking --out"))
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    assert main(_register_args(inputs, a_file / "out", "--progress", "none", *FAST)) == EXIT_INPUT
-    assert "cannot write into" in capsys.readouterr().err
-
-
-def test_a_qc_failure_does_not_cost_the_results(inputs, tmp_path, monkeypatch):
-    import cnnreg.qc
-
-    def broken(*args, **kwargs):
-        raise ImportError("No module named 'matplotlib'")
-
-    monkeypatch.setattr(cnnreg.qc, "qc_figure", broken)
-    out = tmp_path / "no_qc"
-    assert main(_register_args(inputs, out, "--progress", "none", *FAST)) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert "matplotlib" in summary["qc_error"] and "qc" not in summary["files"] and not (out / "qc.png").exists()
-    assert (out / "displacement.nii.gz").exists()
-
-
-def test_verify_image_file_finds_a_truncated_file(tmp_path):
-    from cnnreg.errors import WriteError
-    from cnnreg.outputs import verify_image_file
-
-    image = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
-    path = tmp_path / "field.nii.gz"
-    sitk.WriteImage(image, str(path), useCompression=True)
-    verify_image_file(str(path), image)  # a good file passes
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WriteError, match="field.nii.gz"):
-        verify_image_file(str(path), image)
-    path.write_bytes(b"")
-    with pytest.raises(WriteError, match="empty"):
-        verify_image_file(str(path), image)
-
-
 # --------------------------------------------------------------------------------------
 # reading inputs: what SimpleITK hides, and options refused at parse time
 # --------------------------------------------------------------------------------------
@@ -684,13 +516,13 @@ def test_a_volume_too_large_for_the_memory_is_refused_from_its_header(tmp_path, 
 )
 def test_bad_numbers_are_refused_at_parse_time(inputs, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(_register_args(inputs, tmp_path / "o", option, value))
+        main(register_args(inputs, tmp_path / "o", option, value))
     assert exit_info.value.code == 2 and option in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_an_unknown_device_is_bad_input(inputs, tmp_path, capsys):
-    assert main(_register_args(inputs, tmp_path / "o", "--device", "tpu", *FAST[2:])) == EXIT_INPUT
+    assert main(register_args(inputs, tmp_path / "o", "--device", "tpu", *FAST[2:])) == EXIT_INPUT
     assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
@@ -720,27 +552,6 @@ def test_a_single_slice_stored_as_3d_is_refused_clearly(tmp_path, synth, capsys)
     assert "single slice stored as a 3D image" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
-
-
-def _sample_args(out, *extra):
-    images = ["--fixed", str(SAMPLE / "fixed.nii.gz"), "--moving", str(SAMPLE / "moving.nii.gz")]
-    return [
-        "register",
-        *images,
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--threads",
-        "2",
-        "--no-qc",
-        "--progress",
-        "none",
-        *extra,
-    ]
-
-
 @pytest.mark.parametrize(
     "extra, levels, ran",
     [
@@ -750,13 +561,13 @@ def _sample_args(out, *extra):
     ],
 )
 def test_summary_records_the_schedule_that_ran(tmp_path, extra, levels, ran):
-    assert main(_sample_args(tmp_path / "o", "--mode", "instance", *extra)) == 0
+    assert main(sample_args(tmp_path / "o", "--mode", "instance", *extra)) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["levels"] == levels and summary["iterations"] == ran
 
 
 def test_a_diverged_optimisation_is_a_numerical_failure(tmp_path, capsys):
-    code = main(_sample_args(tmp_path / "o", "--mode", "instance", "--learning-rate", "1e6", "--iterations", "3"))
+    code = main(sample_args(tmp_path / "o", "--mode", "instance", "--learning-rate", "1e6", "--iterations", "3"))
     assert code == 4 and "diverged" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -796,11 +607,11 @@ def test_a_registration_that_lowers_the_similarity_fails(inputs, tmp_path, capsy
     monkeypatch.setattr(cnnreg.registration, "_estimate_field", shifted)
     out = tmp_path / "worse"
     extra = ["--mode", "instance", "--no-qc", "--progress", "none", *FAST]
-    code = main(_register_args(inputs, out, *extra, moving="fixed.nii.gz"))
+    code = main(register_args(inputs, out, *extra, moving="fixed.nii.gz"))
     captured = capsys.readouterr()
     assert code == 4 and "the lncc similarity got worse" in captured.err and "--keep-failed" in captured.err
     assert not out.exists()
-    code = main(_register_args(inputs, out, *extra, "--keep-failed", moving="fixed.nii.gz"))
+    code = main(register_args(inputs, out, *extra, "--keep-failed", moving="fixed.nii.gz"))
     captured = capsys.readouterr()
     assert code == 4 and "results kept in" in captured.err
     summary = json.loads((out / "summary.json").read_text())
@@ -809,84 +620,6 @@ def test_a_registration_that_lowers_the_similarity_fails(inputs, tmp_path, capsy
 
 
 # ------------------------------------------------------------------ nothing of the user's is lost
-
-
-def test_an_empty_out_is_refused_and_the_working_folder_kept(inputs, tmp_path, monkeypatch):
-    """`--out "$OUTDIR"` with the variable unset: the current folder must not be replaced."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "thesis.tex").write_text("years of work")
-    for out in ("", ".", "  "):
-        assert main(_register_args(inputs, out, *FAST, "--overwrite")) == EXIT_INPUT
-    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
-    assert (tmp_path / "thesis.tex").read_text() == "years of work"
-
-
-def test_overwrite_refuses_a_folder_that_is_not_a_result_folder(inputs, tmp_path, capsys):
-    out = tmp_path / "data"
-    out.mkdir()
-    (out / "patient.nii.gz").write_bytes(b"the user's scan")
-    assert main(_register_args(inputs, out, *FAST, "--overwrite", "--progress", "none")) == EXIT_INPUT
-    message = capsys.readouterr().err
-    assert "patient.nii.gz" in message and "--overwrite-any-folder" in message
-    assert (out / "patient.nii.gz").read_bytes() == b"the user's scan"
-    # a result folder is replaced by --overwrite alone; any folder with the second flag
-    result = tmp_path / "result"
-    assert main(_register_args(inputs, result, *FAST, "--progress", "none")) == 0
-    assert main(_register_args(inputs, result, *FAST, "--overwrite", "--progress", "none")) == 0
-    assert main(_register_args(inputs, out, *FAST, "--overwrite", "--overwrite-any-folder", "--progress", "none")) == 0
-    assert not (out / "patient.nii.gz").exists() and (out / OUTPUT_FILES["summary"]).exists()
-
-
-def test_a_folder_another_run_is_writing_into_is_refused(inputs, tmp_path, capsys):
-    from cnnreg.outputs import LOCK_NAME
-
-    out = tmp_path / "busy"
-    out.mkdir()
-    (out / LOCK_NAME).write_text(f"{os.getpid()} 2026-12-06T10:00:00+00:00")  # a live process holds it
-    for extra in ((), ("--overwrite",)):
-        assert main(_register_args(inputs, out, *FAST, *extra, "--progress", "none")) == EXIT_INPUT
-        assert f"another cnnreg run (process {os.getpid()}" in capsys.readouterr().err
-    # the lock of a process that has ended (a killed run) is ignored and replaced
-    (out / LOCK_NAME).write_text("999999999 2026-12-06T10:00:00+00:00")
-    assert main(_register_args(inputs, out, *FAST, "--progress", "none")) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        json.loads((out / "summary.json").read_text())["files"].values()
-    )
-
-
-def test_two_runs_at_once_on_one_folder_second_refused(inputs, tmp_path, subprocess_env):
-    """Two `cnnreg register` processes started together on the same new folder: one writes its
-    results, the other exits 2 naming the first (before, both exited 0 and the second won)."""
-    out = tmp_path / "shared"
-    command = [sys.executable, "-m", "cnnreg", *_register_args(inputs, out, *FAST, "--progress", "none")]
-    first = subprocess.Popen(command, env=subprocess_env, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(command, env=subprocess_env, stderr=subprocess.PIPE, text=True)
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, EXIT_INPUT], results
-    refused = next(text for code, text in results if code == EXIT_INPUT)
-    assert "another cnnreg run (process" in refused or "not empty" in refused
-    assert (out / OUTPUT_FILES["summary"]).exists()
-
-
-def test_a_file_written_into_the_folder_during_the_run_is_kept(tmp_path):
-    from cnnreg.errors import InputError
-    from cnnreg.outputs import claimed_folder, staged_folder
-
-    out = tmp_path / "results"
-    with claimed_folder(out) as claim:
-        (out / "notes.txt").write_text("written while the run went on")
-        with pytest.raises(InputError, match=r"notes.txt appeared in the output folder .* results are in"):
-            with staged_folder(out, claim) as stage:
-                Path(stage, "summary.json").write_text("{}")
-    assert (out / "notes.txt").read_text() == "written while the run went on"
-    kept = [p for p in tmp_path.iterdir() if p.name.startswith("results.results-")]
-    assert len(kept) == 1 and (kept[0] / "summary.json").exists()
-    # a claim that fails leaves no folder it created
-    with pytest.raises(RuntimeError):
-        with claimed_folder(tmp_path / "fresh"):
-            raise RuntimeError("the run failed")
-    assert not (tmp_path / "fresh").exists()
 
 
 # ------------------------------------------------------------------ apply: label maps stay label maps
@@ -953,10 +686,10 @@ def test_a_partly_diverged_run_is_a_failure_not_a_success(tmp_path, capsys):
     nothing written (it used to exit 0 up to 25 %); --keep-failed writes the results, still exit 4."""
     unstable = ["--mode", "instance", "--weight", "0", "--jacobian-weight", "0", "--learning-rate", "0.4"]
     out = tmp_path / "diverged"
-    assert main(_sample_args(out, *unstable, "--iterations", "20,10,10")) == 4
+    assert main(sample_args(out, *unstable, "--iterations", "20,10,10")) == 4
     message = capsys.readouterr().err
     assert "folds" in message and "at most 1 % is accepted" in message and not out.exists()
-    assert main(_sample_args(out, *unstable, "--iterations", "20,10,10", "--keep-failed")) == 4
+    assert main(sample_args(out, *unstable, "--iterations", "20,10,10", "--keep-failed")) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folding_percent"] > 1.0 and "folds" in summary["failed"]
 
@@ -991,7 +724,7 @@ def test_options_without_sensible_use_are_bounded_and_memory_failures_named(inpu
 
     for option, value in (("--features", "100000"), ("--field-smoothing", "1e6")):
         with pytest.raises(SystemExit) as error:
-            main(_register_args(inputs, tmp_path / "o", option, value))
+            main(register_args(inputs, tmp_path / "o", option, value))
         assert error.value.code == 2 and option in capsys.readouterr().err
     narrow = estimate_memory_bytes((96,) * 3, (96,) * 3, "phantom", features=16)
     wide = estimate_memory_bytes((96,) * 3, (96,) * 3, "phantom", features=256)
@@ -1003,108 +736,8 @@ def test_options_without_sensible_use_are_bounded_and_memory_failures_named(inpu
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(cnnreg.registration, "_estimate_field", allocation_fails)
-    assert main(_register_args(inputs, tmp_path / "o", *FAST, "--progress", "none")) == 3
+    assert main(register_args(inputs, tmp_path / "o", *FAST, "--progress", "none")) == 3
     assert "out of memory" in capsys.readouterr().err and not (tmp_path / "o").exists()
-
-
-def test_results_respect_the_umask_and_keep_a_shared_folders_mode(inputs, tmp_path):
-    """Output folders used to be 0700 and apply's files 0600 whatever the umask, and --overwrite
-    reset a shared folder's 2775 to 0700."""
-    previous = os.umask(0o022)
-    try:
-        out = tmp_path / "new"
-        assert main(_register_args(inputs, out, *FAST, "--progress", "none")) == 0
-        assert out.stat().st_mode & 0o7777 == 0o755
-        out.chmod(0o2775)
-        assert main(_register_args(inputs, out, *FAST, "--progress", "none", "--overwrite")) == 0
-        assert out.stat().st_mode & 0o7777 == 0o2775
-        applied = tmp_path / "applied.nii.gz"
-        field = str(out / "displacement.nii.gz")
-        assert main(["apply", "--displacement", field, "--image", inputs["moving.nii.gz"], "--out", str(applied)]) == 0
-        assert applied.stat().st_mode & 0o777 == 0o644
-    finally:
-        os.umask(previous)
-
-
-def test_stale_partials_of_killed_runs_are_removed_and_live_ones_kept(inputs, tmp_path):
-    dead = tmp_path / ".res.partial-999999999-abc"
-    live = tmp_path / f".res.partial-{os.getppid()}-xyz"  # the parent of this process is alive
-    for folder in (dead, live):
-        folder.mkdir()
-    assert main(_register_args(inputs, tmp_path / "res", *FAST, "--progress", "none")) == 0
-    assert not dead.exists() and live.exists()
-
-
-def test_inputs_that_are_not_files_are_named(inputs, tmp_path, capsys):
-    loop = tmp_path / "loop.nii.gz"
-    loop.symlink_to(tmp_path / "loop.nii.gz")
-    cases = ((str(tmp_path), "is a folder"), (str(loop), "broken symbolic link (or a loop of links)"))
-    for path, message in cases:
-        assert (
-            main(["register", "--fixed", path, "--moving", inputs["moving.nii.gz"], "--out", str(tmp_path / "o")]) == 2
-        )
-        assert message in capsys.readouterr().err
-
-
-def test_a_closed_terminal_cancels_cleanly(tmp_path, subprocess_env):
-    """SIGHUP (the terminal closed) is handled as SIGTERM and Ctrl-C: exit 130, nothing left."""
-    import signal
-
-    out = tmp_path / "hup"
-    arguments = _sample_args(out, "--mode", "instance", "--iterations", "500,500,500", "--progress", "jsonl")
-    command = [sys.executable, "-m", "cnnreg", *arguments]
-    process = subprocess.Popen(
-        command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    for line in process.stdout:  # wait until it is optimising
-        if '"progress"' in line:
-            break
-    process.send_signal(signal.SIGHUP)
-    assert process.wait(timeout=120) == 130
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hup.")]
-
-
-def test_messages_name_the_real_problem(inputs, tmp_path, capsys):
-    """apply with an unknown output format used to exit 3 naming a hidden temporary file; a .nii
-    with vox_offset 0 was refused as 'NaN voxels'; apply on a constant image said 'nothing to
-    register'; a truncated .mha said 'No such file or directory'."""
-    import struct
-
-    field = str(tmp_path / "field.nii.gz")
-    reference = sitk.ReadImage(inputs["fixed.nii.gz"])
-    zero = sitk.Image(reference.GetSize(), sitk.sitkVectorFloat32, 3)
-    zero.CopyInformation(reference)
-    sitk.WriteImage(zero, field)
-    apply = ["apply", "--displacement", field, "--image"]
-    assert main([*apply, inputs["moving.nii.gz"], "--out", str(tmp_path / "out.xyz")]) == 2
-    assert f"cannot write {tmp_path / 'out.xyz'}: unknown image format" in capsys.readouterr().err
-    assert main([*apply, inputs["constant.nii.gz"], "--out", str(tmp_path / "constant.nii.gz")]) == 0
-    assert not list(tmp_path.glob(".*partial*"))
-    plain = tmp_path / "offset.nii"
-    sitk.WriteImage(sitk.ReadImage(inputs["moving.nii.gz"]), str(plain))
-    data = bytearray(plain.read_bytes())
-    data[108:112] = struct.pack("<f", 0.0)
-    plain.write_bytes(bytes(data))
-    assert main([*apply, str(plain), "--out", str(tmp_path / "o.nii.gz")]) == 2
-    assert "vox_offset 0" in capsys.readouterr().err
-    mha = tmp_path / "short.mha"
-    sitk.WriteImage(sitk.ReadImage(inputs["moving.nii.gz"]), str(mha))
-    mha.write_bytes(mha.read_bytes()[:-500])
-    assert main([*apply, str(mha), "--out", str(tmp_path / "o.nii.gz")]) == 2
-    message = capsys.readouterr().err
-    assert "damaged" in message and "No such file" not in message
-
-
-def test_a_mount_point_as_out_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):
-    """The swap of a mount point failed only after the computation ("Device or resource busy")."""
-    import cnnreg.outputs
-
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    real = os.path.ismount
-    monkeypatch.setattr(cnnreg.outputs.os.path, "ismount", lambda path: str(path) == str(mount) or real(path))
-    assert main(_register_args(inputs, mount, *FAST, "--progress", "none")) == 2
-    assert "is a mount point" in capsys.readouterr().err and list(mount.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -1130,7 +763,7 @@ def test_a_terminal_gets_a_bar_and_a_summary_not_json(tmp_path, subprocess_env):
     import select
 
     def command_into(out):
-        arguments = _sample_args(out, "--iterations", "2,2,2")
+        arguments = sample_args(out, "--iterations", "2,2,2")
         at = arguments.index("--progress")
         return [sys.executable, "-m", "cnnreg", *arguments[:at], *arguments[at + 2 :]]
 

@@ -23,11 +23,6 @@ SHAPE = (10, 10, 10)  # array order (k, j, i)
 SPACING = (1.0, 1.5, 2.0)  # SimpleITK order (s_i, s_j, s_k)
 
 
-@pytest.fixture(autouse=True)
-def _restore_sigterm(keep_sigterm_handler):
-    yield
-
-
 def labels(*cubes, shape=SHAPE) -> np.ndarray:
     """Label map with 4x4x4 cubes: each cube is ``(label, (k, j, i) start)``."""
     array = np.zeros(shape, dtype=np.uint8)

@@ -13,12 +13,6 @@ import SimpleITK as sitk
 from cnnreg import simulation
 from cnnreg.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _restore_sigterm(keep_sigterm_handler):
-    yield
-
-
 # NIST XCOM, total mass attenuation with coherent scattering (cm^2/g), water: 0.1707 at 100 keV,
 # 0.1505 at 150, 0.1370 at 200, 0.1186 at 300; log-log interpolation gives 0.1538 at 140 keV
 # (Tc-99m) and 0.1351 at 208 keV (Lu-177).  Air (1.205 mg/cm^3): 0.1541 at 100 keV, 0.1356 at
