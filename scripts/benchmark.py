@@ -46,7 +46,7 @@ except ImportError:
 import peers  # noqa: E402
 import prepare_cases  # noqa: E402
 
-from cnnreg import evaluate  # noqa: E402
+from cnnreg import evaluate, evaluate_cli, qc  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # What to run.  Our configurations: name -> `cnnreg register` arguments (besides the files).
@@ -335,8 +335,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | None:
-    """Rows = methods; columns = warped image with fixed-label contours, |warped - fixed|, det J."""
+def comparison_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | None:
+    """The methods side by side on the middle slice (array axis 0), a row each: warped image with
+    the fixed labels' contours, |warped - fixed|, det J in the colours of every run's qc.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,17 +356,22 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
     low, high = (-1000.0, 400.0) if fixed.min() < -500 else (0.0, float(np.percentile(fixed, 99.5)) or 1.0)
     scale = high - low
     figure, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
-    for axis_row, row in zip(axes, shown):
+    dets = []
+    for row in shown:
+        if row["method"] == "before":
+            dets.append(np.ones_like(fixed))
+        else:
+            dets.append(evaluate.field_jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True)))
+    colours, norm = qc.jacobian_colours(np.concatenate([middle(d).ravel() for d in dets]))
+    for axis_row, row, det in zip(axes, shown, dets):
         if row["method"] == "before":
             moving = _read(case_dir / "moving.nii.gz")
             reference = _read(case_dir / "fixed.nii.gz")
             if moving.GetSize() != reference.GetSize() or moving.GetOrigin() != reference.GetOrigin():
                 moving = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             warped = sitk.GetArrayFromImage(moving).astype(np.float64)
-            det = np.ones_like(warped)
         else:
             warped = sitk.GetArrayFromImage(_read(Path(row["files"]["warped"]))).astype(np.float64)
-            det = evaluate.field_jacobian_determinant(_read(Path(row["files"]["displacement"]), vector=True))
         dice = (row.get("metrics") or {}).get("dice_mean")
         axis_row[0].imshow(middle(warped), cmap="gray", vmin=low, vmax=high, origin="lower")
         axis_row[0].contour(
@@ -376,8 +382,8 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
             np.abs(middle(warped) - middle(fixed)), cmap="magma", vmin=0, vmax=0.5 * scale, origin="lower"
         )
         axis_row[1].set_title("|warped − fixed|", fontsize=9)
-        image = axis_row[2].imshow(middle(det), cmap="RdBu_r", vmin=0, vmax=2, origin="lower")
-        axis_row[2].set_title(f"det J (min {det.min():.2f})", fontsize=9)
+        image = qc.draw_jacobian(axis_row[2], np.flipud(middle(det)), colours, norm)
+        axis_row[2].set_title(f"det J (min {det.min():.2f}; folds yellow)", fontsize=9)
         for axis in axis_row:
             axis.axis("off")
     figure.colorbar(image, ax=axes[:, 2].tolist(), shrink=0.6)
@@ -387,29 +393,14 @@ def qc_figure(case: str, case_dir: Path, rows: list[dict], path: Path) -> str | 
     return str(path)
 
 
-def dice_plot(case: str, rows: list[dict], path: Path) -> str | None:
-    """Box plot of the per-structure Dice of every evaluated method (one box per method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def case_dice_boxplot(case: str, rows: list[dict], path: Path) -> str | None:
+    """The Dice box plot of ``cnnreg evaluate`` over the case's evaluated methods."""
     shown = [r for r in rows if (r.get("metrics") or {}).get("dice")]
     if not shown:
         return None
-    values = [[v for v in r["metrics"]["dice"].values() if v is not None and np.isfinite(v)] for r in shown]
-    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(shown), 3.6))
-    axis.boxplot(values, widths=0.6, showfliers=False)
-    for x, data in enumerate(values, start=1):
-        jitter = np.random.default_rng(x).uniform(-0.15, 0.15, len(data))
-        axis.plot(np.full(len(data), x) + jitter, data, ".", markersize=3, alpha=0.6, color="tab:blue")
-    axis.set_xticks(range(1, len(shown) + 1), [r["method"] for r in shown], rotation=30, ha="right", fontsize=8)
-    axis.set_ylabel("Dice per structure")
-    axis.set_title(f"{case}: Dice of each labelled structure", fontsize=10)
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    labels = list(dict.fromkeys(label for r in shown for label in r["metrics"]["dice"]))
+    results = [{"method": r["method"], "subject": case, "dice": r["metrics"]["dice"]} for r in shown]
+    evaluate_cli.dice_boxplot(results, [r["method"] for r in shown], labels, {}, str(path), title=f"{case}: Dice")
     return str(path)
 
 
@@ -603,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["files"] = {key: str(ROOT / name) for key, name in row.get("files", {}).items()}
             files = [Path(p) for r in block["rows"] for p in r["files"].values()]
             if case_dir.exists() and all(p.exists() for p in files):
-                block["figure"] = qc_figure(case, case_dir, block["rows"], report / f"qc_{case}.png")
-                block["dice_figure"] = dice_plot(case, block["rows"], report / f"dice_{case}.png")
+                block["figure"] = comparison_figure(case, case_dir, block["rows"], report / f"qc_{case}.png")
+                block["dice_figure"] = case_dice_boxplot(case, block["rows"], report / f"dice_{case}.png")
         write_reports(results, report)
         return 0
     cases = [c for c in args.cases.split(",") if c]
@@ -674,8 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         print(f"[{case}] evaluated in {time.perf_counter() - started:.1f} s", flush=True)
         rows += earlier_rows.get(case, [])
-        figure = qc_figure(case, case_dir, rows, report / f"qc_{case}.png")
-        dice_figure = dice_plot(case, rows, report / f"dice_{case}.png")
+        figure = comparison_figure(case, case_dir, rows, report / f"qc_{case}.png")
+        dice_figure = case_dice_boxplot(case, rows, report / f"dice_{case}.png")
         results["cases"][case] = {
             "info": info,
             "rows": rows,

@@ -76,8 +76,9 @@ from cnnreg.progress import ProgressReporter  # noqa: E402
 from cnnreg.spatial import integrate_velocity  # noqa: E402
 from cnnreg.training.augment import PairBatch, Sample, deform  # noqa: E402
 from cnnreg.training.dataset import make_sample  # noqa: E402
+from cnnreg.training.loop import output_paths, train  # noqa: E402
+from cnnreg.training.settings import settings_from_dict  # noqa: E402
 from cnnreg.training.synth import multiscale_velocity  # noqa: E402
-from cnnreg.training.train import output_paths, settings_from_dict, train  # noqa: E402
 
 
 class Stage(NamedTuple):
@@ -85,7 +86,7 @@ class Stage(NamedTuple):
 
     name: str
     run_path: Path
-    settings: object  # cnnreg.training.train.TrainSettings
+    settings: object  # cnnreg.training.settings.TrainSettings
     until_epoch: int | None
 
     @property
@@ -497,7 +498,7 @@ def model_card(entries: list[dict], command: str, quick: bool) -> str:
         command,
         "```",
         "",
-        "Training is resumable (`--resume`, from `Resources/Training/<model>.last.pt`; per-epoch log",
+        "Training is resumable (`--resume`, from `Resources/Training/<model>.last.pt`, kept out of git; per-epoch log",
         "`<model>_log.jsonl` and curve `<model>_curve.png` there).  Data and pairs are seeded; on a GPU or",
         "with other thread counts the last digits differ.",
         "",
@@ -530,7 +531,7 @@ def parse_duration(text: str) -> float:
 def _validation_groups(network, pairs: list[PairBatch], settings) -> dict[str, dict]:
     """Validation metrics of ``network`` per kind of held-out pair (deformed copies, real pairs)."""
     from cnnreg.training.distributed import Distributed
-    from cnnreg.training.train import validate
+    from cnnreg.training.loop import validate
 
     groups = {
         "held-out brain vs known deformations": [p for p in pairs if p.true_field is not None],

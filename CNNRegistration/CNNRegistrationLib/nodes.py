@@ -25,6 +25,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from cnnreg.grid import same_grid
 from cnnreg.settings import LPS_TO_RAS_SIGNS, jacobian_rgb
 
 #: Sign flip between LPS and RAS for points and vectors (its own inverse).
@@ -151,20 +152,10 @@ def readVolumeNode(path: str, volumeNode=None, name: str | None = None, labelmap
     return volumeNode
 
 
-def sameGrid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
-    """True when two images share size, spacing, origin and direction (within ``tolerance`` mm)."""
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
-    )
-
-
 def resampleLabelsToGrid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Nearest-neighbour resampling of a label image onto ``reference``'s grid (identity
     in physical space; a no-op when the grids already match)."""
-    if sameGrid(labels, reference):
+    if same_grid(labels, reference):
         return labels
     return sitk.Resample(labels, reference, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, 0)
 

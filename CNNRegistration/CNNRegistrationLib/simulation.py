@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 
+from cnnreg.grid import same_grid
 from cnnreg.settings import OUTPUT_FILES
 
 from . import nodes
@@ -160,7 +161,7 @@ def exportForSimulation(
             raise SimulationExportError(f"'{organsNode.GetName()}' holds no organ (every voxel is background)")
         sitk.WriteImage(sitk.Cast(organs, sitk.sitkUInt16), os.path.join(result, OUTPUT_FILES["warped_labels"]))
         jacobian = nodes.sitkImageFromVolumeNode(jacobianNode)
-        if not nodes.sameGrid(jacobian, organs):
+        if not same_grid(jacobian, organs):
             raise SimulationExportError(f"the Jacobian map '{jacobianNode.GetName()}' is not on the fixed grid")
         sitk.WriteImage(sitk.Cast(jacobian, sitk.sitkFloat32), os.path.join(result, OUTPUT_FILES["jacobian"]))
         with open(os.path.join(result, OUTPUT_FILES["summary"]), "w", encoding="utf-8") as stream:
@@ -172,7 +173,7 @@ def exportForSimulation(
         if ctVolumeNode is not None:
             ctPath = os.path.join(workDirectory, "ct.nrrd")
             ct = nodes.sitkImageFromVolumeNode(ctVolumeNode)
-            if not nodes.sameGrid(ct, organs):
+            if not same_grid(ct, organs):
                 raise SimulationExportError(
                     f"the CT '{ctVolumeNode.GetName()}' is not on the registration's fixed grid; choose the fixed volume"
                 )

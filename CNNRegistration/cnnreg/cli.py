@@ -22,6 +22,7 @@ import signal
 import sys
 
 from .errors import CancelledError, CnnregError, DeviceError, InputError
+from .grid import same_grid
 from .outputs import add_overwrite_any_folder_argument
 from .progress import ProgressReporter, add_progress_argument, set_threads, wants_jsonl
 from .settings import (
@@ -283,7 +284,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 
         determinant = sitk.GetImageFromArray(field_jacobian_determinant(field).astype(np.float32))
         determinant.CopyInformation(field)
-        if reference is not None and not im.same_grid(reference, field):
+        if reference is not None and not same_grid(reference, field):
             determinant = im.resample(determinant, reference)
         warped = sitk.Cast(warped, sitk.sitkFloat32) * determinant
     if os.path.islink(out):  # replace the link itself, never what it points to

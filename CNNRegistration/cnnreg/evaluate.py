@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .image import GEOMETRY_TOLERANCE, describe_grid, same_grid
+from .grid import GEOMETRY_TOLERANCE, describe_grid, same_grid
 
 # ---------------------------------------------------------------------------------------
 # helpers

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .grid import describe_grid, same_grid
 from .outputs import add_overwrite_any_folder_argument, check_output_folder
 
 OUTPUT_FILES = {"csv": "evaluation.csv", "json": "evaluation.json", "boxplot": "dice_boxplot.png"}
@@ -362,12 +363,11 @@ def _read_labels(path: str, role: str):
 
 
 def _check_grids(fixed, warped, fixed_path: str, warped_path: str, context: str) -> None:
-    from . import image as im
 
-    if not im.same_grid(fixed, warped):
+    if not same_grid(fixed, warped):
         raise InputError(
             f"warped labels {warped_path} ({context}) are not on the grid of the fixed labels {fixed_path}: "
-            f"{im.describe_grid(warped)} vs {im.describe_grid(fixed)}; resample them onto the fixed grid first "
+            f"{describe_grid(warped)} vs {describe_grid(fixed)}; resample them onto the fixed grid first "
             f"(cnnreg apply --reference {fixed_path} --interpolation nearest ...)"
         )
 
@@ -385,11 +385,11 @@ def _evaluate_pair(method: Method, index: int, subject: str, fixed, fixed_path: 
     field_path = method.displacements[index]
     displacement = im.read_displacement(field_path) if field_path else None
     if displacement is not None:
-        if displacement.GetDimension() != fixed.GetDimension() or not im.same_grid(fixed, displacement):
+        if displacement.GetDimension() != fixed.GetDimension() or not same_grid(fixed, displacement):
             raise InputError(
                 f"displacement field {field_path} ({context}) is not on the grid of the fixed labels {fixed_path}: "
-                f"{displacement.GetDimension()}D {im.describe_grid(displacement)} vs {fixed.GetDimension()}D "
-                f"{im.describe_grid(fixed)}; the field must live on the fixed grid"
+                f"{displacement.GetDimension()}D {describe_grid(displacement)} vs {fixed.GetDimension()}D "
+                f"{describe_grid(fixed)}; the field must live on the fixed grid"
             )
     import SimpleITK as sitk
 
@@ -577,19 +577,34 @@ def format_table(
     return text
 
 
+#: above this many labels the Dice box plot pools them (one box per method), as a plot per label
+#: would be unreadably wide (an AAL atlas has 116)
+POOLED_BOXPLOT_LABELS = 20
+
+
 def dice_boxplot(
-    results: Sequence[Mapping], methods: Sequence[str], labels: Sequence[int], names: Mapping[int, str], path: str
+    results: Sequence[Mapping],
+    methods: Sequence[str],
+    labels: Sequence[int],
+    names: Mapping[int, str],
+    path: str,
+    title: str | None = None,
 ) -> None:
-    """Write a PNG: for each label (x axis, names when known), one box per method of the Dice
-    over subjects, with every subject's value drawn as a point."""
+    """Write a PNG of the Dice of each method, every value drawn as a point over its box: for each
+    label (x axis, names when known) one box per method over the subjects, or, with more than
+    :data:`POOLED_BOXPLOT_LABELS` labels, one box per method over every label and subject.
+    ``results``: rows ``{"method", "subject", "dice": {label: value}}``."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    pooled = len(labels) > POOLED_BOXPLOT_LABELS
+    groups = [list(labels)] if pooled else [[label] for label in labels]
     count = max(len(methods), 1)
     width = 0.8 / count
-    figure = Figure(figsize=(min(max(6.0, 1.5 + len(labels) * (0.3 + 0.35 * count)), 40.0), 4.8))
+    figure_width = 1.5 + 1.1 * count if pooled else 1.5 + len(labels) * (0.3 + 0.35 * count)
+    figure = Figure(figsize=(min(max(6.0, figure_width), 40.0), 4.8))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     colours = [f"C{i % 10}" for i in range(count)]
@@ -597,8 +612,8 @@ def dice_boxplot(
     for m, method in enumerate(methods):
         rows = [r for r in results if r["method"] == method]
         positions, data = [], []
-        for x, label in enumerate(labels):
-            values = _finite((r.get("dice") or {}).get(label) for r in rows)
+        for x, group in enumerate(groups):
+            values = _finite((r.get("dice") or {}).get(label) for r in rows for label in group)
             if values:
                 positions.append(x + (m - (count - 1) / 2) * width)
                 data.append(values)
@@ -617,16 +632,16 @@ def dice_boxplot(
             axes.scatter(
                 position + jitter, values, s=12, color=colours[m], edgecolors="black", linewidths=0.4, zorder=3
             )
-    tick_names = [_label_key(label, names) for label in labels]
-    axes.set_xticks(range(len(labels)))
-    rotate = max((len(n) for n in tick_names), default=0) > 6 or len(labels) > 12
+    tick_names = [f"{len(labels)} labels" if pooled else _label_key(g[0], names) for g in groups]
+    axes.set_xticks(range(len(groups)))
+    rotate = max((len(n) for n in tick_names), default=0) > 6 or len(groups) > 12
     axes.set_xticklabels(tick_names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    axes.set_xlim(-0.6, len(labels) - 0.4)
+    axes.set_xlim(-0.6, len(groups) - 0.4)
     axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("label")
+    axes.set_xlabel("labels, pooled" if pooled else "label")
     axes.set_ylabel("Dice")
     subjects = len({r["subject"] for r in results})
-    axes.set_title(f"Dice per label, {subjects} subject{'s' if subjects != 1 else ''}")
+    axes.set_title(title or f"Dice per label, {subjects} subject{'s' if subjects != 1 else ''}")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(
         handles=[Patch(facecolor=c, alpha=0.45, edgecolor="black", label=m) for c, m in zip(colours, methods)],

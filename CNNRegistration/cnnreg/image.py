@@ -15,11 +15,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, WriteError
+from .grid import same_grid
 from .nifti import check_nifti, is_nifti
 from .settings import CT_WINDOW_HU, Interpolation, Normalization
 from .spatial import lps_to_voxel, voxel_to_lps
-
-GEOMETRY_TOLERANCE = 1e-4  # relative tolerance on origin/spacing/direction comparisons
 
 
 def read_image(path: str | os.PathLike, role: str = "image", allow_constant: bool = False) -> sitk.Image:
@@ -141,26 +140,6 @@ def normalize(array: np.ndarray, method: Normalization | str = Normalization.MAX
             low, high = float(array.min()), float(array.max())
         return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
     return array
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
-    """True when ``a`` and ``b`` share size, origin, spacing and direction (within tolerance)."""
-    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
-        return False
-    scale = max(max(a.GetSpacing()), 1.0)
-    return (
-        np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance, atol=0)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tolerance * scale * 10)
-        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance)
-    )
-
-
-def describe_grid(image: sitk.Image) -> str:
-    """Size, spacing and origin of ``image``'s grid, for messages."""
-    return (
-        f"size {image.GetSize()}, spacing {tuple(round(s, 6) for s in image.GetSpacing())}, origin "
-        f"{tuple(round(o, 4) for o in image.GetOrigin())}"
-    )
 
 
 def check_pair(

@@ -124,7 +124,7 @@ def parameter_count(network: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Learned registration networks (trained by cnnreg.training.train, used by cnnreg.learned)
+# Learned registration networks (trained by cnnreg.training.loop, used by cnnreg.learned)
 # ---------------------------------------------------------------------------------------
 
 

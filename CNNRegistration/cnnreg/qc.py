@@ -53,6 +53,29 @@ def slice_names(image: sitk.Image) -> list[str]:
     return names
 
 
+def jacobian_colours(det: np.ndarray):
+    """The det J colour map (blue contraction, white 1, red expansion) and its norm centred on 1,
+    spanning the largest change in ``det`` (at most 0 .. 2)."""
+    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+
+    colours = LinearSegmentedColormap.from_list(
+        "det J", [JACOBIAN_CONTRACTION_RGB, JACOBIAN_KEPT_RGB, JACOBIAN_EXPANSION_RGB]
+    )
+    span = min(max(float(np.abs(det - 1).max()), 1e-3), 1.0)
+    return colours, TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
+
+
+def draw_jacobian(axis, det_slice: np.ndarray, colours, norm, aspect: float = 1.0):
+    """Draw a det J slice on a matplotlib ``axis`` with its folds (det J <= 0) in
+    :data:`FOLD_COLOUR` on top; returns the image for a colour bar."""
+    from matplotlib.colors import ListedColormap
+
+    shown = axis.imshow(det_slice, cmap=colours, norm=norm, aspect=aspect, interpolation="nearest")
+    folds = np.ma.masked_where(det_slice > 0, np.zeros_like(det_slice))
+    axis.imshow(folds, cmap=ListedColormap([FOLD_COLOUR]), aspect=aspect, interpolation="nearest")
+    return shown
+
+
 def qc_figure(
     fixed: sitk.Image,
     moving_on_fixed: sitk.Image,
@@ -71,7 +94,6 @@ def qc_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap, ListedColormap, TwoSlopeNorm
     from matplotlib.patches import Patch
 
     def scaled(image: sitk.Image) -> np.ndarray:
@@ -86,12 +108,7 @@ def qc_figure(
     names = slice_names(fixed)
     titles = ["fixed", "moving (before)", "warped (after)", "checkerboard fixed | warped", "|fixed - warped|", "det J"]
     figure, axes = plt.subplots(len(rows), 6, figsize=(19, 3.3 * len(rows) + 1.0), squeeze=False)
-    colours = LinearSegmentedColormap.from_list(
-        "det J", [JACOBIAN_CONTRACTION_RGB, JACOBIAN_KEPT_RGB, JACOBIAN_EXPANSION_RGB]
-    )
-    span = min(max(float(np.abs(det - 1).max()), 1e-3), 1.0)
-    norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
-    fold_map = ListedColormap([FOLD_COLOUR])
+    colours, norm = jacobian_colours(det)
     tiles = 8
     for row, ((f, m, w, d), aspect, name) in enumerate(zip(rows, aspects, names)):
         for column, panel in enumerate([f, m, w, checkerboard(f, w, tiles)]):
@@ -100,9 +117,7 @@ def qc_figure(
             axes[row, 3].axhline(position * f.shape[0] - 0.5, color="cyan", linewidth=0.6, alpha=0.7)
             axes[row, 3].axvline(position * f.shape[1] - 0.5, color="cyan", linewidth=0.6, alpha=0.7)
         axes[row, 4].imshow(np.abs(f - w), cmap="magma", vmin=0, vmax=0.5, aspect=aspect, interpolation="nearest")
-        shown = axes[row, 5].imshow(d, cmap=colours, norm=norm, aspect=aspect, interpolation="nearest")
-        folds = np.ma.masked_where(d > 0, np.zeros_like(d))
-        axes[row, 5].imshow(folds, cmap=fold_map, aspect=aspect, interpolation="nearest")
+        shown = draw_jacobian(axes[row, 5], d, colours, norm, aspect)
         axes[row, 0].set_ylabel(name, fontsize=11)
         for column in range(6):
             axes[row, column].set_xticks([])

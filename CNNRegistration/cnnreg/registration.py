@@ -30,6 +30,7 @@ from . import image as im
 from . import outputs
 from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
 from .errors import DeviceError, InputError
+from .grid import same_grid
 from .instance import optimize_field
 from .jacobian import determinant_map, determinant_summary
 from .losses import similarity_gain, similarity_options, similarity_value
@@ -297,7 +298,7 @@ def register(
     if moving_labels is not None:
         im.check_labels(moving_labels, moving)
     if fixed_mask is not None:
-        if not im.same_grid(fixed_mask, fixed):
+        if not same_grid(fixed_mask, fixed):
             raise InputError(
                 f"fixed mask is not on the fixed image grid (mask size {fixed_mask.GetSize()}, fixed {fixed.GetSize()})"
             )

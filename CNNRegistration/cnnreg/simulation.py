@@ -39,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .grid import describe_grid, same_grid
 
 ATTENUATION_TABLE = Path(__file__).resolve().parent / "data" / "attenuation.json"
 #: CT number of cortical bone on the upper line of the bilinear HU -> mu conversion (compact
@@ -380,8 +381,8 @@ def run(args: argparse.Namespace) -> int:
     ct = None
     if args.ct:
         ct = im.read_image(args.ct, "CT")
-        if not im.same_grid(ct, warped):
-            raise InputError(f"the CT {args.ct} is not on the registration's fixed grid ({im.describe_grid(warped)})")
+        if not same_grid(ct, warped):
+            raise InputError(f"the CT {args.ct} is not on the registration's fixed grid ({describe_grid(warped)})")
     phantom = im.read_image(args.moving_labels, "phantom labels", allow_constant=True) if args.moving_labels else None
 
     stems = ["organs"]

@@ -17,6 +17,7 @@ from cnnreg import image as im
 from cnnreg.atlas import build_atlas, winning_labels
 from cnnreg.cli import main
 from cnnreg.errors import InputError
+from cnnreg.grid import same_grid
 from cnnreg.settings import EXIT_INPUT, OptimizationSettings, RegistrationSettings
 
 SIZE = 32
@@ -112,7 +113,7 @@ def test_atlas_of_translated_copies_sits_at_their_mean_position(initial):
     start = subjects[0] if initial == "first subject" else None
     result = build_atlas(subjects, _settings(), iterations=2, initial=start, keep_fields=True)
 
-    assert im.same_grid(result.template, subjects[0])
+    assert same_grid(result.template, subjects[0])
     centroids = [_physical_centroid(s)[0] for s in subjects]
     middle = float(np.mean(centroids))
     found = _physical_centroid(result.template)[0]
@@ -124,7 +125,7 @@ def test_atlas_of_translated_copies_sits_at_their_mean_position(initial):
 
     template = sitk.GetArrayFromImage(result.template)
     for subject, field in zip(subjects, result.displacements):
-        assert field.GetPixelID() == sitk.sitkVectorFloat32 and im.same_grid(field, subjects[0])
+        assert field.GetPixelID() == sitk.sitkVectorFloat32 and same_grid(field, subjects[0])
         mapped = sitk.GetArrayFromImage(im.apply_displacement(subject, field, reference=result.template))
         assert np.abs(mapped - template).max() < 0.1
 
@@ -180,7 +181,7 @@ def test_atlas_command_writes_the_atlas(files, tmp_path, capsys):
     assert len(list((out / "fields").iterdir())) == 3
     template = sitk.ReadImage(str(out / "template.nii.gz"))
     first = sitk.ReadImage(files["images"][0])
-    assert im.same_grid(template, first) and template.GetPixelID() == sitk.sitkFloat32
+    assert same_grid(template, first) and template.GetPixelID() == sitk.sitkFloat32
     assert float(sitk.GetArrayViewFromImage(template).max()) <= 1.01  # normalised, not the 10x subject's scale
     probability = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "probabilities" / "label_1.nii.gz")))
     assert probability.min() >= 0 and probability.max() <= 1 and probability.max() > 0.5

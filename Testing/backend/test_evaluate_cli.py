@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from cnnreg import evaluate_cli
 from cnnreg.cli import main
 from cnnreg.errors import InputError
 from cnnreg.evaluate import evaluate_registration, field_jacobian_determinant, jacobian_statistics
@@ -342,3 +343,23 @@ def test_evaluate_overwrite_leaves_exactly_its_outputs_and_a_failure_leaves_the_
     assert main(args) == 3 and "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_the_dice_boxplot_pools_many_labels_into_one_box_per_method(tmp_path):
+    """An atlas of 116 labels would make a plot per label metres wide: above POOLED_BOXPLOT_LABELS
+    the boxes are one per method, over every label."""
+    import struct
+
+    def width(labels: int) -> int:
+        results = [
+            {"method": m, "subject": "s", "dice": {label: 0.5 + 0.01 * label for label in range(1, labels + 1)}}
+            for m in ("a", "b")
+        ]
+        path = tmp_path / f"box{labels}.png"
+        evaluate_cli.dice_boxplot(results, ["a", "b"], list(range(1, labels + 1)), {}, str(path))
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]  # PNG IHDR width, pixels at 100 dpi
+
+    few, limit, many = 3, evaluate_cli.POOLED_BOXPLOT_LABELS, evaluate_cli.POOLED_BOXPLOT_LABELS + 5
+    assert width(many) == 600  # 6 inches: one group of two boxes
+    assert width(limit) == round(100 * (1.5 + limit * (0.3 + 0.35 * 2)))  # a group per label
+    assert width(few) == 600

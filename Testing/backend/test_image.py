@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from cnnreg import image as im
 from cnnreg.errors import InputError
+from cnnreg.grid import same_grid
 from cnnreg.spatial import voxel_to_lps
 
 
@@ -177,9 +178,9 @@ def test_same_grid_tolerance(synth):
     a = _blob_image(synth, spacing=(1.0, 1.0, 1.0))
     b = sitk.Image(a)
     b.SetOrigin((1e-6, 0, 0))  # far below the 1e-3 mm origin tolerance
-    assert im.same_grid(a, b)
+    assert same_grid(a, b)
     b.SetOrigin((0.01, 0, 0))
-    assert not im.same_grid(a, b)
+    assert not same_grid(a, b)
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_displacement_round_trip_through_a_file(tmp_path, synth):
     path = _write(im.displacement_image(u, fixed), tmp_path / "field.nii.gz")
     field = im.read_displacement(path)
     assert field.GetPixelID() == sitk.sitkVectorFloat64
-    assert im.same_grid(field, fixed)
+    assert same_grid(field, fixed)
     # NIfTI stores the grid (sform) in float32, so the direction read back differs by ~1e-7
     np.testing.assert_allclose(im.field_to_voxels(field), u, atol=1e-5)
 
@@ -355,7 +356,7 @@ def test_displacement_image_slab_by_slab_equals_the_whole_grid_conversion(synth,
         monkeypatch.setattr(im, "SLAB_VOXELS", slab_voxels)
         for field_u in (u, u.astype(np.float64)):
             field = im.displacement_image(field_u, image, transform)
-            assert field.GetPixelID() == sitk.sitkVectorFloat64 and im.same_grid(field, image)
+            assert field.GetPixelID() == sitk.sitkVectorFloat64 and same_grid(field, image)
             np.testing.assert_array_equal(sitk.GetArrayFromImage(field), expected)
     # physical_points of a band of rows is that band of the whole grid's points
     np.testing.assert_array_equal(im.physical_points(image, slice(1, 3)), im.physical_points(image)[1:3])

@@ -16,6 +16,9 @@ from cnnreg.networks import VoxelMorphNet
 from cnnreg.spatial import compose, integrate_velocity, warp
 from cnnreg.training.augment import AugmentSettings, Sample
 from cnnreg.training.dataset import index_labels, make_sample
+from cnnreg.training.loop import epoch_learning_rate, train
+from cnnreg.training.losses import field_error
+from cnnreg.training.settings import TrainSettings
 from cnnreg.training.synth import (
     SynthPairSampler,
     SynthSettings,
@@ -24,7 +27,6 @@ from cnnreg.training.synth import (
     random_affine_field,
     synthesize,
 )
-from cnnreg.training.train import TrainSettings, epoch_learning_rate, field_error, train
 
 NO_INTENSITY = AugmentSettings(gamma=0, contrast=0, bias_field=0, noise=0)
 

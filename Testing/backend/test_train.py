@@ -35,16 +35,9 @@ from cnnreg.training.augment import (
 )
 from cnnreg.training.dataset import index_labels, make_sample
 from cnnreg.training.distributed import Distributed
-from cnnreg.training.train import (
-    Trainable,
-    TrainSettings,
-    output_paths,
-    settings_from_dict,
-    soft_dice,
-    train,
-    training_step,
-    wrap_parallel,
-)
+from cnnreg.training.loop import Trainable, output_paths, train, training_step, wrap_parallel
+from cnnreg.training.losses import soft_dice
+from cnnreg.training.settings import TrainSettings, settings_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -196,9 +196,10 @@ GLUE_FILES = [MODULE_FILE] + [
 ]
 
 
-def test_the_glue_imports_only_the_settings_of_the_backend():
-    """The Slicer glue talks to the backend through files and a process; the one module it
-    imports is the torch-free ``cnnreg.settings`` (choices, defaults, exit codes, file names)."""
+def test_the_glue_imports_only_the_settings_and_grid_of_the_backend():
+    """The Slicer glue talks to the backend through files and a process; the modules it imports
+    are the torch-free ``cnnreg.settings`` (choices, defaults, exit codes, file names) and
+    ``cnnreg.grid`` (the same-grid rule)."""
     imported = set()
     for path in GLUE_FILES:
         for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
@@ -209,8 +210,17 @@ def test_the_glue_imports_only_the_settings_of_the_backend():
                 imported |= {(os.path.basename(path), a.name) for a in node.names if a.name.split(".")[0] == "cnnreg"}
     backend = {name for _, name in imported}
     assert backend, "the glue should take its choices from cnnreg.settings"
-    allowed = {"cnnreg", "cnnreg.settings"}
-    assert all(name in allowed or name.startswith("cnnreg.settings.") for name in backend), sorted(imported)
+    allowed = {"cnnreg", "cnnreg.settings", "cnnreg.grid"}
+    assert all(name in allowed or name.rsplit(".", 1)[0] in allowed - {"cnnreg"} for name in backend), sorted(imported)
+
+
+def test_the_backend_grid_rule_imports_no_torch():
+    code = "import sys; import cnnreg.grid; print('torch' in sys.modules)"
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=MODULE_DIR
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "False"
 
 
 def test_the_backend_settings_import_neither_torch_nor_numpy():

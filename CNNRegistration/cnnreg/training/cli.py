@@ -4,8 +4,8 @@ Command line (also ``torchrun --nproc_per_node=N -m cnnreg train ...`` for data 
 
     python -m cnnreg train --images DIR_OR_LIST [--labels DIR_OR_LIST] [--config FILE] --out model.pt
 
-Settings come from :class:`cnnreg.training.train.TrainSettings` (a JSON/YAML ``--config`` file, then the
-flags that are given); the training itself is :func:`cnnreg.training.train.train_from_files`.
+Settings come from :class:`cnnreg.training.settings.TrainSettings` (a JSON/YAML ``--config`` file, then the
+flags that are given); the training itself is :func:`cnnreg.training.loop.train_from_files`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ..errors import InputError
 from ..progress import ProgressReporter, add_progress_argument
 from ..settings import Normalization, Regularizer, Similarity, choices
 from .distributed import init_distributed
-from .train import DEFAULT_WORKING_SHAPE, TrainSettings, output_paths, settings_from_dict, train_from_files
+from .loop import output_paths, train_from_files
+from .settings import DEFAULT_WORKING_SHAPE, TrainSettings, settings_from_dict
 
 
 def load_config(path: str | os.PathLike) -> dict:

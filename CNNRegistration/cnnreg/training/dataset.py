@@ -6,15 +6,19 @@ grid ``S``) and optionally its label map ``(1, *S)`` (nearest-neighbour resample
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import image as im
+from ..errors import InputError
 from ..spatial import resize_image
 from .augment import Sample
+from .settings import TrainSettings
 
 
 def resize_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -66,3 +70,42 @@ def index_labels(samples: Sequence[Sample]) -> dict[str, list[int]]:
                     mapped[sample.labels == value] = float(lookup[int(value)])
                 sample.labels = mapped
     return tables
+
+
+def load_samples(
+    image_paths: Sequence[str],
+    label_paths: Sequence[str] | None,
+    settings: TrainSettings,
+    ndim: int | None = None,
+    label_space: str = "labels",
+) -> list[Sample]:
+    """Read images (and label maps on their grids) and resample them to the working shape."""
+    label_paths = list(label_paths or [])
+    if label_paths and len(label_paths) != len(image_paths):
+        raise InputError(
+            f"{len(image_paths)} images but {len(label_paths)} label maps; give one label map per image, in order"
+        )
+    samples = []
+    for index, path in enumerate(image_paths):
+        image = im.read_image(path, "training image")
+        array = im.to_array(image)
+        if ndim is None:
+            ndim = array.ndim
+        if array.ndim != ndim:
+            raise InputError(
+                f"training image {path} is {array.ndim}D but the others are {ndim}D; train 2D and 3D models separately"
+            )
+        labels = None
+        if label_paths:
+            import SimpleITK as sitk
+
+            label_path = label_paths[index]
+            if not os.path.isfile(label_path):
+                raise InputError(f"label map not found: {label_path}")
+            label_image = sitk.ReadImage(label_path)
+            im.check_labels(label_image, image, f"labels {label_path}")
+            labels = im.to_array(label_image)
+        samples.append(
+            make_sample(Path(path).name, array, settings.shape_for(ndim), settings.normalization, labels, label_space)
+        )
+    return samples

@@ -18,7 +18,7 @@ is made from one *source* (a real image with a label map on the working grid):
 
 The pair carries its true field (``PairBatch.true_field``, voxels, pulling the moving image
 onto the fixed one, :mod:`cnnreg.settings`) and a foreground mask of the fixed image, for
-the supervised warm-up loss of :mod:`cnnreg.training.train`.  Every draw comes from an explicit CPU
+the supervised warm-up loss of :mod:`cnnreg.training.losses`.  Every draw comes from an explicit CPU
 ``torch.Generator``.
 """
 
