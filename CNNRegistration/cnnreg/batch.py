@@ -198,13 +198,22 @@ def run_pair(pair: dict, out: str, method: Sequence[str], threads: int) -> dict:
     import contextlib
     import io
 
-    from .cli import main
+    from .commands import add_register_arguments, run_command, run_register
 
     worker_allocator()
     start = time.perf_counter()
+    argv = register_arguments(pair, out, method, threads) + ["--overwrite"]
+    parser = argparse.ArgumentParser(prog="cnnreg register")
+    add_register_arguments(parser)
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
-        code = main(register_arguments(pair, out, method, threads) + ["--overwrite"])
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit as error:  # argparse's exit on an option register does not know
+            code = error.code
+        else:
+            args.command, args.argv = "register", argv
+            code = run_command(run_register, args)
     if code != 0:
         lines = [line for line in errors.getvalue().splitlines() if "error:" in line]
         message = lines[-1].split("error:", 1)[1].strip() if lines else errors.getvalue().strip()[-500:]

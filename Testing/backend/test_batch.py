@@ -242,3 +242,15 @@ def test_a_terminal_sees_one_bar_over_the_pairs(capsys):
     err = capsys.readouterr().err
     assert err.count("\r[") == 3 and err.endswith("\n") and err.count("\n") == 1
     assert "pairs 3 done, 0 failed, 0 running, 0 to go, ETA 0 s" in err
+
+
+def test_a_pair_runs_the_register_command_line_and_reports_its_errors(cohort, tmp_path):
+    """run_pair is the ``register`` command: a bad input is its exit code 2 and message, a pair
+    option register does not know is argparse's refusal, both as PairFailed; nothing is written."""
+    pair = {"fixed": str(cohort / "fixed.nii.gz"), "moving": str(tmp_path / "missing.nii.gz"), "name": "p"}
+    with pytest.raises(batch.PairFailed, match=r"exit code 2: .*missing\.nii\.gz"):
+        batch.run_pair(pair, str(tmp_path / "a"), METHOD, 1)
+    pair = {"fixed": str(cohort / "fixed.nii.gz"), "moving": str(cohort / "moving0.nii.gz"), "options": "--bogus 3"}
+    with pytest.raises(batch.PairFailed, match=r"exit code 2: .*unrecognized arguments: --bogus 3"):
+        batch.run_pair(pair, str(tmp_path / "b"), METHOD, 1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
