@@ -42,8 +42,18 @@ def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
     return x
 
 
+def lncc_fixed_means(fixed: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed image's local means of ``f`` and ``f^2`` over the LNCC box, ``(N, 1, *S)`` each."""
+    return tuple(box_filter(torch.cat([fixed, fixed * fixed], dim=1), window).split(1, dim=1))
+
+
 def lncc_similarity(
-    fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, window: int = 9, eps: float = 1e-5
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    window: int = 9,
+    eps: float = 1e-5,
+    fixed_means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Local normalised cross-correlation, squared (VoxelMorph/FAIM form), averaged over voxels.
 
@@ -51,12 +61,15 @@ def lncc_similarity(
     (``window`` voxels per axis, odd), with ``eps`` stated, as in those methods, for window
     *sums*: ``eps' = eps / window^(2 ndim)`` for the window means used here (a larger value
     would mute low-contrast texture).  Range [0, 1]; 1 = locally linearly related.
+    ``fixed_means``: :func:`lncc_fixed_means` of ``fixed`` when already computed (an optimisation
+    loop's fixed image does not change; the same numbers, two box filters fewer per call).
     """
     if window < 1 or window % 2 == 0:
         raise InputError(f"LNCC window must be a positive odd number of voxels, got {window}")
     ndim = fixed.dim() - 2
-    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    mean_f, mean_w, mean_ff, mean_ww, mean_fw = box_filter(stacked, window).split(1, dim=1)
+    mean_f, mean_ff = lncc_fixed_means(fixed, window) if fixed_means is None else fixed_means
+    stacked = torch.cat([warped, warped * warped, fixed * warped], dim=1)
+    mean_w, mean_ww, mean_fw = box_filter(stacked, window).split(1, dim=1)
     covariance = mean_fw - mean_f * mean_w
     variance_f = (mean_ff - mean_f * mean_f).clamp_min(0)
     variance_w = (mean_ww - mean_w * mean_w).clamp_min(0)
@@ -203,4 +216,16 @@ def similarity_loss_function(
     once: for loops that evaluate it every iteration."""
     function, to_loss = _measure(name)
     options = similarity_options(name, window)
-    return lambda fixed, warped, mask=None: to_loss(function(fixed, warped, mask, **options))
+    if function is not lncc_similarity:
+        return lambda fixed, warped, mask=None: to_loss(function(fixed, warped, mask, **options))
+    kept: dict = {}  # the last fixed image (held, so that its identity is its content) and its means
+
+    def lncc_loss(fixed, warped, mask=None):
+        if fixed.requires_grad:
+            return to_loss(lncc_similarity(fixed, warped, mask, **options))
+        if kept.get("fixed") is not fixed or kept.get("version") != fixed._version:
+            with torch.no_grad():
+                kept.update(fixed=fixed, version=fixed._version, means=lncc_fixed_means(fixed, window))
+        return to_loss(lncc_similarity(fixed, warped, mask, fixed_means=kept["means"], **options))
+
+    return lncc_loss

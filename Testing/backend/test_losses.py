@@ -274,3 +274,32 @@ def test_similarity_options_only_lncc_takes_a_window():
     assert losses.similarity_options("lncc", 7) == {"window": 7}
     for name in ("mse", "pcc", "ssim", "mi", "pcc+ssim"):
         assert losses.similarity_options(name, 7) == {}
+
+
+def test_the_lncc_loss_of_a_loop_keeps_the_fixed_means_and_gives_the_same_numbers():
+    """similarity_loss_function('lncc') box-filters the fixed image once (an optimisation loop's
+    fixed image does not change): loss and gradient bitwise those of the direct measure, and a
+    fixed image changed in place, or another one, is filtered again."""
+    from cnnreg.losses import lncc_similarity, similarity_loss_function
+
+    generator = torch.Generator().manual_seed(3)
+    fixed = torch.rand((1, 1, 13, 17, 11), generator=generator)
+    moving = torch.rand((1, 1, 13, 17, 11), generator=generator)
+    loss = similarity_loss_function("lncc", 5)
+
+    def both(f):
+        a, b = moving.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+        kept, direct = loss(f, a), 1 - lncc_similarity(f, b, window=5)
+        kept.backward()
+        direct.backward()
+        return kept, direct, a.grad, b.grad
+
+    for _ in range(2):  # the second call uses the kept means
+        kept, direct, grad_kept, grad_direct = both(fixed)
+        assert torch.equal(kept, direct) and torch.equal(grad_kept, grad_direct)
+    fixed.mul_(0.5).add_(torch.rand(fixed.shape, generator=generator))  # changed in place
+    kept, direct, _, _ = both(fixed)
+    assert torch.equal(kept, direct)
+    other = torch.rand(fixed.shape, generator=generator)
+    kept, direct, _, _ = both(other)
+    assert torch.equal(kept, direct) and not torch.equal(kept, loss(fixed, moving))
