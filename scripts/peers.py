@@ -332,11 +332,13 @@ def _ants_syn(case: dict, out: Path, quick: bool, threads: int, seed: int, extra
     if math.prod(fixed.shape) > ANTS_CC_MAX_VOXELS:
         # SyN-CC costs ~15 us per voxel and iteration on 2 threads (mni2mm: 800 s): ~9 h on a 35 M voxel CT
         options = {} if not quick else {"reg_iterations": (10, 0, 0)}
-        call = "ants.registration(type_of_transform='SyN')  # antspyx defaults: Mattes MI, 40x20x0"
+        call = "ants.registration(type_of_transform='SyN')"
+        note = "antspyx defaults (affine stage, then SyN with Mattes MI, 40x20x0: the full-resolution level skipped)"
     else:
         iterations = (20, 10, 0) if quick else (100, 70, 50)
         options = {"syn_metric": "CC", "syn_sampling": radius, "reg_iterations": iterations}
         call = f"ants.registration(type_of_transform='SyN', syn_metric='CC', syn_sampling={radius}, reg_iterations={iterations})"
+        note = "antspyx defaults otherwise (affine stage included); syn_sampling is the CC radius in voxels"
     start = time.perf_counter()
     registration = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(out / "ants_"), **options)
     seconds = time.perf_counter() - start
@@ -360,7 +362,7 @@ def _ants_syn(case: dict, out: Path, quick: bool, threads: int, seed: int, extra
         "registration_s": seconds,
         "parameters": {
             "call": call,
-            "note": "antspyx defaults otherwise (affine stage included); syn_sampling is the CC radius in voxels",
+            "note": note,
         },
         "versions": {"antspyx": getattr(ants, "__version__", "?")},
     }

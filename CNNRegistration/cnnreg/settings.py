@@ -547,7 +547,9 @@ class RegistrationSettings:
     optimization: OptimizationSettings = dataclasses.field(default_factory=OptimizationSettings)
     device: str = _option(Device.AUTO.value, "auto (CUDA if available), cpu, cuda, cuda:N")
     seed: int | None = _option(
-        0, "random seed, 0 to 2^32 - 1 (runs are repeatable at the same thread count)", Number(int, 0, MAX_SEED)
+        0,
+        "random seed, 0 to 2^32 - 1 (instance mode repeats exactly at the same thread count; phantom mode on several threads can differ slightly from run to run)",
+        Number(int, 0, MAX_SEED),
     )
     normalization: Normalization = _option(
         Normalization.MAX,
@@ -650,7 +652,7 @@ PRESETS: dict[str, Preset] = {
                 "normalization": Normalization.CT,
                 "affine": True,
                 "working_spacing": 3.0,
-                "optimization": {"weight": 0.5, "jacobian_weight": 40.0},
+                "optimization": {"weight": 0.5, "jacobian_weight": 60.0},
             },
         ),
         Preset(
