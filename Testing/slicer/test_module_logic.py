@@ -109,8 +109,15 @@ def test_logic_settings_presets_and_summary_text(module):
     parameterNode = logic.getParameterNode()
     logic.applyPreset(parameterNode, "Phantom to CT")
     settings = logic.settingsFromParameterNode(parameterNode)
-    assert settings.mode.value == "phantom" and settings.similarity.value == "lncc" and settings.weight == 0.5
-    assert settings.jacobianWeight == 40.0
+    from cnnreg.settings import PRESETS
+
+    preset = PRESETS["phantom-to-ct"].settings()  # the one definition the panel reads
+    assert settings.mode.value == "phantom" and settings.similarity.value == "lncc"
+    assert (settings.weight, settings.jacobianWeight) == (
+        preset.optimization.weight,
+        preset.optimization.jacobian_weight,
+    )
+    assert settings.jacobianWeight != type(preset.optimization)().jacobian_weight  # not the default
     assert (settings.normalization.value, settings.affine) == ("ct", True) and settings.workingSpacing > 0
     assert settings.interpolation is None  # the mode's default (cubic for phantom)
     assert settings.backendSettings().optimization.interpolation_for(settings.mode).value == "cubic"
