@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from . import image as im
 from .errors import InputError
 from .outputs import add_overwrite_any_folder_argument
-from .progress import ProgressReporter, add_progress_argument, set_threads, wants_bar, wants_jsonl
+from .progress import ProgressReporter, add_progress_argument, set_threads, wants_bar, wants_jsonl, wants_summary
 from .settings import Normalization, RegistrationSettings, add_method_arguments, settings_from_args
 
 #: file names inside the output folder
@@ -657,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
             bar({"event": "error"})  # ends the bar's line before the error message
         raise
     report({"event": "done", "summary": {k: v for k, v in result.summary.items() if k != "settings"}, "files": paths})
-    if not json_report.jsonl and args.progress != "none":
+    if wants_summary(args.progress):
         last = result.history[-1]
         print(
             f"atlas of {len(images)} images in {result.summary['seconds']:.1f} s on {result.summary['device']}: "

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError
+from .progress import ProgressReporter, add_progress_argument, bar_text
 from .settings import EXIT_NUMERIC, OUTPUT_FILES
 
 #: columns of ``--pairs`` (``fixed`` and ``moving`` required; ``options``: extra register
@@ -416,7 +417,6 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, title: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .progress import add_progress_argument
     from .settings import add_method_arguments
 
     parser.description = __doc__.split("\n\n")[0]
@@ -459,7 +459,6 @@ def method_arguments(argv: Sequence[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .progress import ProgressReporter
     from .settings import settings_from_args
 
     pairs = pairs_from_arguments(args)
@@ -499,9 +498,9 @@ def _pair_reporter(report):
         if report.jsonl:
             report(event)
         if report.bar:
-            filled = int(30 * (event["done"] + event["failed"]) / max(event["total"], 1))
+            fraction = (event["done"] + event["failed"]) / max(event["total"], 1)
             sys.stderr.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] pairs {event['done']} done, {event['failed']} failed, "
+                f"\r{bar_text(fraction)} pairs {event['done']} done, {event['failed']} failed, "
                 f"{event['running']} running, {event['remaining']} to go, ETA {event['eta_s']:.0f} s   "
             )
             if event["remaining"] == 0:

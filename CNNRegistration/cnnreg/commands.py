@@ -108,7 +108,7 @@ def _register_into(args: argparse.Namespace, out_dir: str, claim, report: Progre
         s = result.summary
         for warning in s["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
-        if args.progress != "none":
+        if report.summary:
             print(
                 f"registered in {s['seconds']:.1f} s on {s['device']}: {s['similarity']} "
                 f"{s['similarity_before']:.4f} -> {s['similarity_after']:.4f}, folding {s['folding_percent']:.4f} %, "

@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from .field_optimizers import OPTIMIZERS, GreedyFluid
-from .pyramid import ProgressCallback, pyramid_shapes, run_pyramid
+from .pyramid import ProgressCallback, add_update, pyramid_shapes, run_pyramid
 from .settings import DENSE_LEARNING_RATES, OptimizationSettings, Optimizer
-from .spatial import gaussian_smooth, resize_field
 
 
 class DenseField(nn.Module):
@@ -31,9 +30,7 @@ class DenseField(nn.Module):
         self.smoothing = smoothing
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        update = resize_field(self.update, self.base.shape[2:])
-        update = gaussian_smooth(update, self.smoothing) if self.smoothing > 0 else update
-        return self.base + update
+        return add_update(self.base, self.update, self.smoothing)
 
 
 def optimize_field(

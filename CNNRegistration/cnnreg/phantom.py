@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from .errors import InputError
 from .networks import VoxelMorphNet
-from .pyramid import ProgressCallback, capped_shape, pyramid_shapes, run_pyramid
+from .pyramid import ProgressCallback, add_update, capped_shape, pyramid_shapes, run_pyramid
 from .settings import CNN_LEARNING_RATE, Mode, OptimizationSettings
-from .spatial import gaussian_smooth, resize_field, resize_image
+from .spatial import resize_field, resize_image
 
 
 def phantom_network(ndim: int, features: int = 16) -> VoxelMorphNet:
@@ -101,12 +101,7 @@ class CNNField(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """``fixed``, ``moving`` ``(1, 1, *S)`` -> ``u`` ``(1, ndim, *S)``, voxels of ``S``."""
-        residual = self.network(self.network_input(fixed, moving))
-        if residual.shape[2:] != fixed.shape[2:]:
-            residual = resize_field(residual, fixed.shape[2:])
-        if self.smoothing > 0:
-            residual = gaussian_smooth(residual, self.smoothing)
-        return self.base + residual
+        return add_update(self.base, self.network(self.network_input(fixed, moving)), self.smoothing)
 
 
 def optimize_cnn(

@@ -24,6 +24,7 @@ class ProgressReporter:
         self.bar_stream = bar_stream or sys.stderr
         self.jsonl = wants_jsonl(style, self.stream)
         self.bar = wants_bar(style, self.bar_stream)
+        self.summary = wants_summary(style, self.stream)
         self.started = time.perf_counter()
 
     def __call__(self, event: dict) -> None:
@@ -32,9 +33,8 @@ class ProgressReporter:
             self.stream.flush()
         if self.bar and event.get("event") == "progress":
             fraction = float(event.get("fraction", 0.0))
-            filled = int(30 * fraction)
             self.bar_stream.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% "
+                f"\r{bar_text(fraction)} {100 * fraction:5.1f}% "
                 f"{event.get('stage', '')} it {event.get('iteration')}/{event.get('iterations')} "
                 f"loss {event.get('loss', float('nan')):.5f} {time.perf_counter() - self.started:6.1f}s"
             )
@@ -47,6 +47,18 @@ def wants_jsonl(style: str, stream=None) -> bool:
     """JSON lines for programs: asked for, or ``auto`` with ``stream`` (stdout) piped; a terminal
     gets a bar and a human summary instead."""
     return style == "jsonl" or (style == "auto" and not _isatty(stream or sys.stdout))
+
+
+def wants_summary(style: str, stream=None) -> bool:
+    """A one-line human summary on standard error at the end: whenever JSON lines are not wanted,
+    unless ``--progress none``."""
+    return style != "none" and not wants_jsonl(style, stream)
+
+
+def bar_text(fraction: float, width: int = 30) -> str:
+    """``[####......]``: ``fraction`` (0..1) of ``width`` characters filled."""
+    filled = int(width * min(max(fraction, 0.0), 1.0))
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
 
 
 def wants_bar(style: str, stream=None) -> bool:

@@ -18,7 +18,7 @@ from .field_optimizers import set_learning_rate_factor
 from .losses import similarity_loss_function
 from .regularizers import negative_jacobian, regularizer_function
 from .settings import Interpolation, Mode, OptimizationSettings
-from .spatial import bspline_coefficients, resize_field, resize_image, warp, warp_bspline
+from .spatial import bspline_coefficients, gaussian_smooth, resize_field, resize_image, warp, warp_bspline
 
 ProgressCallback = Callable[[dict], None]
 
@@ -53,6 +53,14 @@ def moving_sampler(
         coefficients = bspline_coefficients(moving)
         return lambda u: warp_bspline(coefficients, u)
     return lambda u: warp(moving, u)
+
+
+def add_update(base: torch.Tensor, update: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """A level's field: ``base + G_smoothing * resize(update)``, with ``base`` ``(1, ndim, *S)``
+    the level's starting field and ``update`` ``(1, ndim, *S_any)`` over the same field of view
+    (voxels of its own grid, resized to ``S``); ``smoothing``: Gaussian sigma, voxels (0: none)."""
+    update = resize_field(update, base.shape[2:])
+    return base + (gaussian_smooth(update, smoothing) if smoothing > 0 else update)
 
 
 def loss_function(

@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
-    if not report.jsonl and args.progress != "none" and info.is_main:
+    if report.summary and info.is_main:
         best = summary["best"] or {}
         dice = best.get("val_dice")
         print(
