@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .errors import InputError, WriteError
 from .grid import same_grid
-from .nifti import check_nifti, is_nifti
+from .nifti import ParallelGzipWriter, check_nifti, is_nifti
 from .settings import CT_WINDOW_HU, Interpolation, Normalization
 from .spatial import lps_to_voxel, voxel_to_lps
 
@@ -253,12 +254,19 @@ def budget_spacing(size: Sequence[int], spacing: Sequence[float], max_voxels: in
     ``max_voxels`` is 0 (no limit)."""
     if not max_voxels or math.prod(size) <= max_voxels:
         return 0.0
+    def fits(steps: int) -> bool:  # a working spacing of ``steps`` x 0.05 mm
+        return math.prod(working_size(size, spacing, steps * 0.05)) <= max_voxels
+
+    # an isotropic grid over the extent fits from here on (axes already coarser only shrink it)
     extent = math.prod(max((n - 1) * s, s) for n, s in zip(size, spacing))
-    candidate = max(min(spacing), (extent / max_voxels) ** (1.0 / len(size)))
-    candidate = math.ceil(candidate / 0.05 - 1e-9) * 0.05
-    while math.prod(working_size(size, spacing, candidate)) > max_voxels:
-        candidate += 0.05
-    return round(candidate, 2)
+    high = math.ceil(max(min(spacing), (extent / max_voxels) ** (1.0 / len(size))) / 0.05 - 1e-9)
+    while not fits(high):
+        high += 1
+    low = math.ceil(min(spacing) / 0.05 - 1e-9) - 1  # does not fit: the image's own grid does not
+    while high - low > 1:  # the number of voxels only falls as the spacing grows
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return round(high * 0.05, 2)
 
 
 def working_grid(image: sitk.Image, working_spacing: float) -> sitk.Image | None:
@@ -595,7 +603,6 @@ def _write_nifti_displacement(field: sitk.Image, path: str) -> None:
     readers (SimpleITK, ANTs, Greedy, Slicer) convert back to LPS.  Streamed: the x and y
     components (the first two thirds of NIfTI's component-major data) are negated chunk by chunk,
     so a CT-sized field costs no second copy in memory."""
-    import gzip
     import shutil
     import struct
     import tempfile
@@ -618,8 +625,8 @@ def _write_nifti_displacement(field: sitk.Image, path: str) -> None:
             head = raw.read(offset)
             dtype = np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder("<")
             flipped_bytes = 2 * math.prod(field.GetSize()) * dtype.itemsize  # the x and y components
-            opener = gzip.open if path.lower().endswith(".gz") else open
-            with opener(path, "wb") as out:
+            compressed = path.lower().endswith(".gz")
+            with ParallelGzipWriter(path, torch.get_num_threads()) if compressed else open(path, "wb") as out:
                 out.write(head)
                 chunk = 1 << 24
                 done = 0

@@ -7,16 +7,19 @@ byte order), then streams the data -- through ``gzip`` for ``.nii.gz``, which ch
 stream's length and CRC -- and raises :class:`~cnnreg.errors.InputError` naming the file
 when the data is shorter than the header says, the gzip stream is cut or corrupt, or a
 floating-point voxel is NaN/Inf.  :func:`nifti_header` alone gives the grid size and bytes
-per voxel (for memory estimates before anything large is read).
+per voxel (for memory estimates before anything large is read).  :class:`ParallelGzipWriter`
+writes a ``.gz`` file on several threads.
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
 import math
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,3 +147,59 @@ def check_nifti(path: str | os.PathLike, role: str = "image") -> NiftiHeader:
     if bad:
         raise InputError(f"{role} file {path} contains {bad} NaN or infinite voxels")
     return header
+
+
+def _deflate_block(block: bytes, level: int) -> bytes:
+    """``block`` as raw deflate data ending on a byte boundary (a sync flush, not final)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return compressor.compress(block) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+class ParallelGzipWriter:
+    """A ``.gz`` file written as one ordinary gzip member whose deflate stream is compressed in
+    independent blocks on ``threads`` threads (zlib releases the GIL; the idea of pigz): a
+    100 MiB displacement field takes about 1/threads of ``gzip.open``'s time, and any gzip reader
+    reads it.  Use as a context manager; :meth:`write` takes bytes."""
+
+    BLOCK_BYTES = 1 << 22
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2, level: int = 6):
+        self._threads, self._level = max(1, int(threads)), level
+        self._file = open(path, "wb")
+        self._file.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # deflate, no name, no time, OS unknown
+        self._pool = ThreadPoolExecutor(self._threads)
+        self._pending: collections.deque = collections.deque()
+        self._buffer = bytearray()
+        self._crc, self._size = 0, 0
+
+    def write(self, data: bytes) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        self._buffer += data
+        while len(self._buffer) >= self.BLOCK_BYTES:
+            self._submit(bytes(self._buffer[: self.BLOCK_BYTES]))
+            del self._buffer[: self.BLOCK_BYTES]
+
+    def _submit(self, block: bytes) -> None:
+        self._pending.append(self._pool.submit(_deflate_block, block, self._level))
+        while len(self._pending) > 2 * self._threads:  # bounded memory: write what is done, in order
+            self._file.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        try:
+            if self._buffer:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+            while self._pending:
+                self._file.write(self._pending.popleft().result())
+            self._file.write(zlib.compressobj(self._level, zlib.DEFLATED, -15).flush())  # the final, empty block
+            self._file.write(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+            self._file.close()
+
+    def __enter__(self) -> ParallelGzipWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

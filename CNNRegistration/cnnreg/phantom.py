@@ -134,7 +134,7 @@ def optimize_cnn(
             "use instance mode for such small images or raise --max-cnn-voxels"
         )
     shapes = [s for s in pyramid_shapes(working, settings.levels) if min(s) >= smallest] or [working]
-    iterations = settings.iterations_per_level(len(shapes), Mode.PHANTOM)
+    iterations = settings.iterations_per_level(len(shapes), Mode.PHANTOM, shapes)
     # the grid each level's network sees: its own, except the finest level's sees the previous
     # level's images; an optional last stage on the finest grid sees them at full size
     network_inputs = [None] * len(shapes)

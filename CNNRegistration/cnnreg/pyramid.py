@@ -14,11 +14,12 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from .device import reuse_freed_memory
 from .field_optimizers import set_learning_rate_factor
 from .losses import similarity_loss_function
 from .regularizers import negative_jacobian, regularizer_function
 from .settings import Interpolation, Mode, OptimizationSettings
-from .spatial import bspline_coefficients, gaussian_smooth, resize_field, resize_image, warp, warp_bspline
+from .spatial import bspline_coefficients, bspline_sampler, gaussian_smooth, resize_field, resize_image, warp
 
 ProgressCallback = Callable[[dict], None]
 
@@ -50,8 +51,7 @@ def moving_sampler(
     """``u -> moving(x + u(x))`` with the settings' interpolation (or ``mode``'s default);
     ``moving`` ``(N, C, *S)`` is prefiltered once here for the cubic B-spline."""
     if settings.interpolation_for(mode) is Interpolation.CUBIC:
-        coefficients = bspline_coefficients(moving)
-        return lambda u: warp_bspline(coefficients, u)
+        return bspline_sampler(bspline_coefficients(moving))
     return lambda u: warp(moving, u)
 
 
@@ -122,62 +122,63 @@ def run_pyramid(
     Returns:
         ``u`` ``(1, ndim, *shapes[-1])`` in voxels of the finest level's grid.
     """
-    iterations = settings.iterations_per_level(len(shapes), mode)
+    iterations = settings.iterations_per_level(len(shapes), mode, shapes)
     loss_terms = loss_function(settings)
     total_iterations = sum(iterations)
     done_iterations = 0
     ndim = fixed.dim() - 2
     u = initial.detach() if initial is not None else fixed.new_zeros((1, ndim, *shapes[0]))
-    for level, (shape, level_iterations) in enumerate(zip(shapes, iterations)):
-        fixed_level = resize_image(fixed, shape)
-        moving_level = resize_image(moving, shape)
-        warp_moving = moving_sampler(settings, moving_level, mode)
-        mask_level = resize_image(mask, shape) if mask is not None else None
-        base = resize_field(u, shape)
-        model = make_model(base)
-        model.train()
-        optimizer = make_optimizer(model)
-        learning_rate_factor = partial(
-            _learning_rate_factor,
-            steps=level_iterations,
-            final=settings.final_learning_rate,
-            warmup=min(model.warmup_iterations, level_iterations // 4),
-        )
-        best, since_best = math.inf, 0
-        for iteration in range(level_iterations):
-            set_learning_rate_factor(optimizer, learning_rate_factor(iteration))
-            optimizer.zero_grad()
-            u_level = model(fixed_level, moving_level)
-            total, sim, reg = loss_terms(fixed_level, warp_moving, u_level, mask_level)
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}"
-                )
-            total.backward()
-            optimizer.step()
-            done_iterations += 1
-            value = float(total.detach())
-            if value < best - settings.tolerance * abs(best if math.isfinite(best) else value):
-                best, since_best = value, 0
-            else:
-                since_best += 1
-            if callback is not None:
-                callback(
-                    progress_event(
-                        stage=f"{stage}level {level + 1}/{len(shapes)}",
-                        iteration=iteration + 1,
-                        iterations=level_iterations,
-                        fraction=done_iterations / total_iterations,
-                        loss=value,
-                        similarity_loss=float(sim.detach()),
-                        regularization=float(reg.detach()),
+    with reuse_freed_memory(fixed.device):  # the same large temporaries every iteration
+        for level, (shape, level_iterations) in enumerate(zip(shapes, iterations)):
+            fixed_level = resize_image(fixed, shape)
+            moving_level = resize_image(moving, shape)
+            warp_moving = moving_sampler(settings, moving_level, mode)
+            mask_level = resize_image(mask, shape) if mask is not None else None
+            base = resize_field(u, shape)
+            model = make_model(base)
+            model.train()
+            optimizer = make_optimizer(model)
+            learning_rate_factor = partial(
+                _learning_rate_factor,
+                steps=level_iterations,
+                final=settings.final_learning_rate,
+                warmup=min(model.warmup_iterations, level_iterations // 4),
+            )
+            best, since_best = math.inf, 0
+            for iteration in range(level_iterations):
+                set_learning_rate_factor(optimizer, learning_rate_factor(iteration))
+                optimizer.zero_grad()
+                u_level = model(fixed_level, moving_level)
+                total, sim, reg = loss_terms(fixed_level, warp_moving, u_level, mask_level)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(
+                        f"the loss became {total.item()} at level {level + 1}, iteration {iteration + 1}"
                     )
-                )
-            if since_best >= settings.patience:
-                done_iterations += level_iterations - iteration - 1
-                break
-        with torch.no_grad():  # batch norm stays in training mode: statistics of this pair
-            u = model(fixed_level, moving_level).detach()
+                total.backward()
+                optimizer.step()
+                done_iterations += 1
+                value = float(total.detach())
+                if value < best - settings.tolerance * abs(best if math.isfinite(best) else value):
+                    best, since_best = value, 0
+                else:
+                    since_best += 1
+                if callback is not None:
+                    callback(
+                        progress_event(
+                            stage=f"{stage}level {level + 1}/{len(shapes)}",
+                            iteration=iteration + 1,
+                            iterations=level_iterations,
+                            fraction=done_iterations / total_iterations,
+                            loss=value,
+                            similarity_loss=float(sim.detach()),
+                            regularization=float(reg.detach()),
+                        )
+                    )
+                if since_best >= settings.patience:
+                    done_iterations += level_iterations - iteration - 1
+                    break
+            with torch.no_grad():  # batch norm stays in training mode: statistics of this pair
+                u = model(fixed_level, moving_level).detach()
     return u
 
 

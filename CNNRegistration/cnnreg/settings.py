@@ -221,6 +221,13 @@ def as_choice(value: Any, enum_type: type[Choice], what: str) -> Choice:
 #: level keeps it within 10x demons' time; measured in docs/decisions.md)
 DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60), Mode.PHANTOM: (100, 60, 80)}
 
+#: with the default schedule, a pyramid level of more voxels than LARGE_LEVEL_VOXELS runs at most
+#: LARGE_LEVEL_ITERATIONS iterations: its iterations cost several times their share (a 1 mm head's
+#: 8.7 M voxels: ~2.7 s each on 2 threads), and 10 there, after 60 on the level of half its size,
+#: reach Greedy's Dice in less time (docs/decisions.md)
+LARGE_LEVEL_VOXELS = 2**21
+LARGE_LEVEL_ITERATIONS = 10
+
 #: how the moving image is sampled when no interpolation is given: the cubic B-spline for the
 #: optimising modes (lower TRE, higher Dice: docs/decisions.md), linear for the learned network's
 #: one pass (it was trained with linear warps)
@@ -412,7 +419,10 @@ def _interpolation_help() -> str:
 
 def _iterations_help() -> str:
     per_mode = "; ".join(f"{mode.value} {','.join(map(str, its))}" for mode, its in DEFAULT_ITERATIONS.items())
-    return f"iterations per level, coarse to fine: N or N1,N2,N3 (default per mode: {per_mode})"
+    return (
+        f"iterations per level, coarse to fine: N or N1,N2,N3 (default per mode: {per_mode}; at most "
+        f"{LARGE_LEVEL_ITERATIONS} on a level of more than 2^{LARGE_LEVEL_VOXELS.bit_length() - 1} voxels)"
+    )
 
 
 def _learning_rate_help() -> str:
@@ -520,15 +530,25 @@ class OptimizationSettings:
         """The interpolation of a run in ``mode``: the one set, or the mode's default."""
         return DEFAULT_INTERPOLATION[Mode(mode)] if self.interpolation is None else self.interpolation
 
-    def iterations_per_level(self, levels: int, mode: Mode | str = Mode.INSTANCE) -> list[int]:
-        """Iterations of each of ``levels`` levels, coarse to fine (``mode`` gives the default)."""
+    def iterations_per_level(
+        self, levels: int, mode: Mode | str = Mode.INSTANCE, shapes: Sequence[Sequence[int]] | None = None
+    ) -> list[int]:
+        """Iterations of each of ``levels`` levels, coarse to fine: the ones set, or ``mode``'s
+        default, in which a level of ``shapes`` (grid sizes, coarse to fine) with more than
+        :data:`LARGE_LEVEL_VOXELS` voxels runs at most :data:`LARGE_LEVEL_ITERATIONS`."""
         iterations = DEFAULT_ITERATIONS[Mode(mode)] if self.iterations is None else self.iterations
         if isinstance(iterations, int):
             return [iterations] * levels
         values = list(iterations)
         if len(values) < levels:  # pad at the coarse end with the first value
             values = [values[0]] * (levels - len(values)) + values
-        return values[-levels:]
+        values = values[-levels:]
+        if self.iterations is None and shapes is not None:
+            values = [
+                min(n, LARGE_LEVEL_ITERATIONS) if math.prod(shape) > LARGE_LEVEL_VOXELS else n
+                for n, shape in zip(values, shapes)
+            ]
+        return values
 
 
 @dataclasses.dataclass
@@ -563,8 +583,9 @@ class RegistrationSettings:
         "on the fixed grid; axes already coarser keep their spacing; 0 = the fixed image's own grid",
         Number(float, 0),
     )
+    # 9 M: a whole 1 mm head (8.7 M voxels) keeps its own grid, in about 4 GB on a CPU
     max_working_voxels: int = _option(
-        2**21,
+        9_000_000,
         "the largest grid the field is estimated on (voxels): a fixed image with more voxels is registered on "
         "the finest isotropic working grid within this many (the field still returned on the fixed grid); "
         "0 = no limit",

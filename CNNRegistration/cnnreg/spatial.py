@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -293,25 +293,43 @@ def warp_bspline(coefficients: torch.Tensor, u: torch.Tensor, padding: str = "bo
         ``(N, C, *S_out)``; differentiable with respect to ``u`` (exact: the derivative of the
         cubic spline) and to ``coefficients``.
     """
-    ndim = _check_field(u)
-    if coefficients.dim() != ndim + 2:
-        raise ValueError(
-            f"coefficients {tuple(coefficients.shape)} and displacement {tuple(u.shape)} differ in dimension"
-        )
+    return bspline_sampler(coefficients, padding)(u)
+
+
+def bspline_sampler(coefficients: torch.Tensor, padding: str = "border") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``u -> warp_bspline(coefficients, u, padding)`` for sampling one image through many fields:
+    the coefficients' mirror extension is made once here (unless they require a gradient)."""
     if padding not in ("border", "zeros"):
         raise ValueError(f"unknown padding {padding!r} for cubic interpolation; use 'border' or 'zeros'")
-    if coefficients.shape[0] != u.shape[0]:
-        coefficients = coefficients.expand(u.shape[0], *coefficients.shape[1:])
     shape = tuple(coefficients.shape[2:])
+    padded = None if coefficients.requires_grad else _mirror_padded(coefficients)
+
+    def sample(u: torch.Tensor) -> torch.Tensor:
+        ndim = _check_field(u)
+        if coefficients.dim() != ndim + 2:
+            raise ValueError(
+                f"coefficients {tuple(coefficients.shape)} and displacement {tuple(u.shape)} differ in dimension"
+            )
+        extended = padded if padded is not None else _mirror_padded(coefficients)
+        if extended.shape[0] != u.shape[0]:
+            extended = extended.expand(u.shape[0], *extended.shape[1:]).contiguous()
+        out = _BSplineSample.apply(extended, u, shape)
+        if padding == "zeros":
+            out = out * _inside(u, shape).unsqueeze(1).to(out.dtype)
+        return out.to(coefficients.dtype)
+
+    return sample
+
+
+def _mirror_padded(coefficients: torch.Tensor) -> torch.Tensor:
+    """The coefficients ``(N, C, *S)`` extended by the mirror the prefilter assumed, contiguous."""
     padded = coefficients
-    for axis, size in enumerate(shape):  # the mirror extension the prefilter assumed
+    ndim = coefficients.dim() - 2
+    for axis, size in enumerate(coefficients.shape[2:]):
         # 2 samples mirrored repeat with period 2 (circular); 1 sample is constant
         mode = "reflect" if size > _BSPLINE_PAD else ("circular" if size == 2 else "replicate")
         padded = F.pad(padded, _pad_axis(ndim, axis, _BSPLINE_PAD), mode=mode)
-    out = _BSplineSample.apply(padded.contiguous(), u, shape)
-    if padding == "zeros":
-        out = out * _inside(u, shape).unsqueeze(1).to(out.dtype)
-    return out.to(coefficients.dtype)
+    return padded.contiguous()
 
 
 def _inside(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

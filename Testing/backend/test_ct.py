@@ -147,13 +147,15 @@ def test_background_of_a_ct_is_its_air_not_zero_hu():
 
 def test_budget_spacing_is_the_finest_grid_within_the_voxel_budget():
     budget = RegistrationSettings().max_working_voxels
-    for size, spacing in (((197, 233, 189), (1.0, 1.0, 1.0)), ((512, 512, 133), (0.703125, 0.703125, 2.5))):
+    for size, spacing in (((512, 512, 133), (0.703125, 0.703125, 2.5)), ((400, 400, 400), (0.5, 0.5, 0.5))):
         chosen = im.budget_spacing(size, spacing, budget)
         assert math.prod(im.working_size(size, spacing, chosen)) <= budget
         assert math.prod(im.working_size(size, spacing, chosen - 0.05)) > budget  # the finest such
-    assert im.budget_spacing((197, 233, 189), (1.0,) * 3, budget) == 1.65  # MNI152 at 1 mm: 1.65 mm
-    # the benchmark's brain cases (at most 128^3 voxels) keep their own grid; 0 = no limit
+    # the brain cases, the whole 1 mm MNI152 head included, keep their own grid; a 512x512x133 CT
+    # is registered on 1.4 mm in-plane (its 2.5 mm slices kept); 0 = no limit
+    assert im.budget_spacing((197, 233, 189), (1.0,) * 3, budget) == 0.0
     assert im.budget_spacing((128, 128, 128), (1.5,) * 3, budget) == 0.0
+    assert im.budget_spacing((512, 512, 133), (0.703125, 0.703125, 2.5), budget) == 1.4
     assert im.budget_spacing((512, 512, 133), (0.703125, 0.703125, 2.5), 0) == 0.0
 
 
@@ -199,7 +201,11 @@ def test_memory_refusal_names_a_working_grid_that_fits(monkeypatch):
     settings = RegistrationSettings(device="cpu", max_working_voxels=0)  # the CT's own grid
     with pytest.raises(DeviceError, match=r"--working-spacing (1\.5|2|3)\b.*working grid"):
         check_memory((512, 512, 133), (128, 128, 128), settings, (0.703125, 0.703125, 2.5))
-    # by default the voxel budget puts it on a ~2.8 mm working grid, which fits
+    # by default the voxel budget puts it on a 1.4 mm in-plane working grid, which needs more than 8 GiB
+    # and names a coarser one; the machine with 12 GiB runs it
+    with pytest.raises(DeviceError, match=r"--working-spacing (1\.5|2|3)\b.*working grid"):
+        check_memory((512, 512, 133), (128, 128, 128), RegistrationSettings(device="cpu"), (0.703125,) * 2 + (2.5,))
+    monkeypatch.setattr(cnnreg.device, "available_memory_bytes", lambda: 12 * 2**30)
     assert check_memory((512, 512, 133), (128, 128, 128), RegistrationSettings(device="cpu"), (0.703125,) * 2 + (2.5,))
     # with the preset's 3 mm working grid the same CT fits in 4 GiB
     needed = check_memory((512, 512, 133), (128, 128, 128), preset_settings("phantom-to-ct"), (0.703125, 0.703125, 2.5))

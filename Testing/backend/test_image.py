@@ -433,3 +433,27 @@ def test_displacement_fields_are_nifti_intent_1006_with_ras_vectors(tmp_path, sy
     # other vector images and other formats are written as they are
     im.write_image(field, tmp_path / "field.nrrd")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "field.nrrd"))), values)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_gzip_file_compressed_on_several_threads_is_one_ordinary_gzip_stream(tmp_path, monkeypatch, threads):
+    """Blocks compressed apart and joined: gzip (which checks the CRC and the length) and zlib's
+    own single-member reader give back exactly the bytes written, over several blocks, a ragged
+    tail and writes that straddle blocks."""
+    import gzip
+    import zlib
+
+    from cnnreg.nifti import ParallelGzipWriter
+
+    monkeypatch.setattr(ParallelGzipWriter, "BLOCK_BYTES", 1000)
+    rng = np.random.default_rng(5)
+    data = (rng.normal(0, 1, 2600).astype(np.float32).tobytes()) + bytes(3001)  # noise, then a long run of zeros
+    path = tmp_path / "blocks.gz"
+    with ParallelGzipWriter(path, threads=threads) as out:
+        for start in range(0, len(data), 777):
+            out.write(data[start : start + 777])
+    stored = path.read_bytes()
+    assert gzip.decompress(stored) == data
+    single = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member, nothing after it
+    assert single.decompress(stored) == data and single.eof and single.unused_data == b""
+    assert len(stored) < len(data) - 2500  # the zeros compressed

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
 from cnnreg.pyramid import capped_shape, pyramid_shapes
-from cnnreg.settings import OptimizationSettings
+from cnnreg.settings import DEFAULT_ITERATIONS, LARGE_LEVEL_ITERATIONS, LARGE_LEVEL_VOXELS, Mode, OptimizationSettings
 
 
 def test_pyramid_and_capped_shapes():
@@ -145,3 +146,77 @@ def test_dense_field_registration_does_not_import_torch_dynamo(tmp_path, synth):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "False"
+
+
+def test_the_default_schedule_runs_few_iterations_on_a_level_larger_than_the_budget():
+    small, large = (64, 64, 64), (256, 256, 160)  # 0.26 M and 10.5 M voxels
+    assert math.prod(small) <= LARGE_LEVEL_VOXELS < math.prod(large)
+    defaults = OptimizationSettings()
+    instance, phantom = DEFAULT_ITERATIONS[Mode.INSTANCE], DEFAULT_ITERATIONS[Mode.PHANTOM]
+    assert defaults.iterations_per_level(3, Mode.INSTANCE, [(32,) * 3, small, large]) == [
+        *instance[:2],
+        LARGE_LEVEL_ITERATIONS,
+    ]
+    assert defaults.iterations_per_level(3, Mode.PHANTOM, [(16,) * 3, (32,) * 3, small]) == list(phantom)
+    assert defaults.iterations_per_level(3, Mode.INSTANCE) == list(instance)  # no grid given
+    # iterations that are set run as set, on any grid
+    assert OptimizationSettings(iterations=[100, 60, 60]).iterations_per_level(
+        3, Mode.INSTANCE, [(32,) * 3, small, large]
+    ) == [100, 60, 60]
+
+
+def test_a_registration_reports_the_schedule_its_grid_gave_it(synth, monkeypatch):
+    """The default schedule on a grid over the budget (the budget lowered to this small pair's
+    finest level): the finest level runs at most LARGE_LEVEL_ITERATIONS and the summary says so."""
+    import cnnreg.settings
+    from cnnreg.registration import RegistrationSettings, register
+
+    array = synth.blob_array((64, 64, 64), seed=4)  # levels of 16^3, 32^3 and 64^3 voxels
+    fixed, moving = synth.make_image(array), synth.make_image(np.roll(array, 1, axis=0))
+    monkeypatch.setattr(cnnreg.settings, "LARGE_LEVEL_VOXELS", 40**3)
+    summary = register(fixed, moving, RegistrationSettings(device="cpu")).summary
+    assert summary["iterations_requested"] == [*DEFAULT_ITERATIONS[Mode.INSTANCE][:2], LARGE_LEVEL_ITERATIONS]
+    assert summary["iterations"][-1] <= LARGE_LEVEL_ITERATIONS and summary["levels"] == 3
+
+
+def test_large_tensors_freed_in_an_optimisation_are_reused_instead_of_faulted_in_again(subprocess_env):
+    """Inside reuse_freed_memory a tensor above glibc's mmap threshold reuses the pages of the one
+    freed before it (outside, every such tensor faults in its 64 MiB afresh, ~16 000 pages); on
+    leaving, the kept memory goes back to the system.  In a fresh interpreter: what this one
+    allocated before would change the counts."""
+    import json
+    import subprocess
+    import sys
+
+    from cnnreg.device import _glibc
+
+    if _glibc() is None:
+        pytest.skip("glibc's allocator only")
+    script = """
+import json, resource, torch
+from cnnreg.device import reuse_freed_memory
+
+def faults_of_a_new_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MiB, every page written
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def resident_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+outside = min(faults_of_a_new_tensor() for _ in range(3))
+with reuse_freed_memory("cpu"):
+    faults_of_a_new_tensor()  # the heap grows once
+    inside = max(faults_of_a_new_tensor() for _ in range(3))
+    kept = resident_mib()
+print(json.dumps({"outside": outside, "inside": inside, "kept": kept, "after": resident_mib()}))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, env=subprocess_env
+    )
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    if counts["outside"] < 1000:
+        pytest.skip("huge pages: few page faults either way")
+    assert counts["inside"] < 0.05 * counts["outside"], counts
+    assert counts["after"] < counts["kept"] - 48, counts  # handed back on leaving
