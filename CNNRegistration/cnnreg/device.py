@@ -87,6 +87,9 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+_reuse_depth = 0  # reuse_freed_memory blocks open (the outermost one sets and restores)
+
+
 def _fill_small_chunk_cache(libc: ctypes.CDLL) -> None:
     """Fill glibc's per-thread cache of small chunks (7 per size).  PyTorch's 64-byte-aligned
     allocations leave a remainder of under 128 bytes behind each block; while that cache has room
@@ -110,16 +113,19 @@ def reuse_freed_memory(device: torch.device | str = "cpu"):
     100 MiB per field) that costs more than the arithmetic of an iteration (docs/decisions.md).
     Inside the block such requests come from the heap, which keeps up to
     :data:`RETAINED_FREE_BYTES` free.  No effect on CUDA (its allocator caches) or without glibc."""
+    global _reuse_depth
     libc = _glibc() if torch.device(device).type == "cpu" else None
-    if libc is None:
+    if libc is None or _reuse_depth > 0:  # not glibc's, or already inside such a block
         yield
         return
+    _reuse_depth += 1
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, RETAINED_FREE_BYTES)
     _fill_small_chunk_cache(libc)
     try:
         yield
     finally:
+        _reuse_depth -= 1
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)

@@ -254,6 +254,7 @@ def budget_spacing(size: Sequence[int], spacing: Sequence[float], max_voxels: in
     ``max_voxels`` is 0 (no limit)."""
     if not max_voxels or math.prod(size) <= max_voxels:
         return 0.0
+
     def fits(steps: int) -> bool:  # a working spacing of ``steps`` x 0.05 mm
         return math.prod(working_size(size, spacing, steps * 0.05)) <= max_voxels
 

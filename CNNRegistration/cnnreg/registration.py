@@ -28,7 +28,13 @@ import torch
 
 from . import image as im
 from . import outputs
-from .device import describe_device, out_of_memory_as_device_error, resolve_device, seed_everything
+from .device import (
+    describe_device,
+    out_of_memory_as_device_error,
+    resolve_device,
+    reuse_freed_memory,
+    seed_everything,
+)
 from .errors import DeviceError, InputError
 from .grid import same_grid
 from .instance import optimize_field
@@ -367,9 +373,9 @@ def register(
         if callback is not None:
             callback(event)
 
-    with out_of_memory_as_device_error(
-        device, f"{settings.mode.value} registration of a {tuple(fixed_t.shape[2:])} grid"
-    ):
+    what = f"{settings.mode.value} registration of a {tuple(fixed_t.shape[2:])} grid"
+    # freed tensors reused by the measures after the optimisation too (images of the grid's size)
+    with out_of_memory_as_device_error(device, what), reuse_freed_memory(device):
         u = _estimate_field(settings, fixed_t, moving_t, mask_t, record)
         check_field_length(u)
         # zeros outside and the same interpolation, as in warped.nii.gz
