@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -256,16 +257,23 @@ def _inverse(
     if field.GetDimension() != moving.GetDimension() or field.GetSize() != moving.GetSize():
         return {"field": field, "residual": None}
     dim = grid.GetDimension()
-    points = im.physical_points(moving) + sitk.GetArrayViewFromImage(field)  # where each moving voxel maps to
+    # measured on every second voxel along each axis of a large grid: the same statistics, an eighth of the cost
+    step = 2 if math.prod(field.GetSize()) > INVERSE_MAX_VOXELS else 1
+    every = tuple(slice(None, None, step) for _ in range(dim))
+    sampled = field[every] if step > 1 else field
+    voxels = moving[every] if step > 1 else moving
+    points = im.physical_points(voxels) + sitk.GetArrayViewFromImage(sampled)  # where each moving voxel maps to
     matrix = np.asarray(grid.GetDirection()).reshape(dim, dim) @ np.diag(grid.GetSpacing())
     index = (points - np.asarray(grid.GetOrigin())) @ np.linalg.inv(matrix).T  # (i, j[, k])
     region = np.all((index >= 2) & (index <= np.asarray(grid.GetSize()) - 3), axis=-1)
     del points, index
     what = "moving voxels that map inside the fixed field of view"
     if moving_labels is not None:
-        region &= sitk.GetArrayViewFromImage(moving_labels) > 0
+        region &= sitk.GetArrayViewFromImage(moving_labels[every] if step > 1 else moving_labels) > 0
         what = "moving labels (> 0) that map inside the fixed field of view"
-    residual = im.inverse_residual_mm(forward, field, region)
+    if step > 1:
+        what += f", every {step}nd voxel along each axis"
+    residual = im.inverse_residual_mm(forward, sampled, region)
     return {"field": field, "residual": {**residual, "region": what, "voxels": int(region.sum())}}
 
 

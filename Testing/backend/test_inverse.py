@@ -93,5 +93,5 @@ def test_the_inverse_of_a_field_on_a_large_grid_is_taken_on_a_coarser_grid(synth
     np.testing.assert_allclose(coarse.GetDirection(), fixed.GetDirection())
     assert result["field"].GetSize() == moving.GetSize()
     residual = result["residual"]
-    assert residual["voxels"] > 10000
+    assert residual["voxels"] > 1500 and "every 2nd voxel" in residual["region"]  # sampled: a large grid
     assert residual["p95"] < 0.1 * min(moving.GetSpacing()) and residual["max"] < 0.3, residual
