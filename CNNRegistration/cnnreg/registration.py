@@ -51,7 +51,6 @@ from .settings import (
     Normalization,
     OptimizationSettings,
     RegistrationSettings,
-    as_schedule,
 )
 from .spatial import warp
 
@@ -208,7 +207,7 @@ def _estimate_field(
     from .learned import predict_field  # the learned modes need shipped weights
 
     u = predict_field(fixed, moving, settings.model)
-    schedule = as_schedule(settings.refine_iterations)
+    schedule = settings.refine_schedule(math.prod(fixed.shape[2:]))
     if mode is Mode.LEARNED_REFINE and sum(schedule) > 0:
         refine = OptimizationSettings(**{**asdict(opt), "iterations": schedule})
         u = optimize_field(
@@ -474,7 +473,11 @@ def register(
         # the default schedule depends on the grid (settings.LARGE_LEVEL_VOXELS): what it became
         "iterations_requested": (
             list(requested.values())
-            if requested and opt.iterations is None and settings.mode in (Mode.INSTANCE, Mode.PHANTOM)
+            if requested
+            and (
+                (opt.iterations is None and settings.mode in (Mode.INSTANCE, Mode.PHANTOM))
+                or (settings.refine_iterations is None and settings.mode is Mode.LEARNED_REFINE)
+            )
             else settings.iterations_requested()
         ),
         "device": describe_device(device),

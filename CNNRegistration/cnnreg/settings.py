@@ -228,6 +228,17 @@ DEFAULT_ITERATIONS: dict[Mode, tuple[int, ...]] = {Mode.INSTANCE: (100, 60, 60),
 LARGE_LEVEL_VOXELS = 2**21
 LARGE_LEVEL_ITERATIONS = 10
 
+#: learned-refine's dense-field iterations after the prediction when none are given (one level,
+#: at most LARGE_LEVEL_ITERATIONS on a grid of more than LARGE_LEVEL_VOXELS)
+DEFAULT_REFINE_ITERATIONS = 50
+
+
+def default_level_iterations(iterations: int, voxels: int | None) -> int:
+    """A default schedule's ``iterations`` on a level of ``voxels`` voxels (None: not known):
+    at most :data:`LARGE_LEVEL_ITERATIONS` on a level of more than :data:`LARGE_LEVEL_VOXELS`."""
+    return min(iterations, LARGE_LEVEL_ITERATIONS) if voxels is not None and voxels > LARGE_LEVEL_VOXELS else iterations
+
+
 #: how the moving image is sampled when no interpolation is given: the cubic B-spline for the
 #: optimising modes (lower TRE, higher Dice: docs/decisions.md), linear for the learned network's
 #: one pass (it was trained with linear warps)
@@ -544,10 +555,7 @@ class OptimizationSettings:
             values = [values[0]] * (levels - len(values)) + values
         values = values[-levels:]
         if self.iterations is None and shapes is not None:
-            values = [
-                min(n, LARGE_LEVEL_ITERATIONS) if math.prod(shape) > LARGE_LEVEL_VOXELS else n
-                for n, shape in zip(values, shapes)
-            ]
+            values = [default_level_iterations(n, math.prod(shape)) for n, shape in zip(values, shapes)]
         return values
 
 
@@ -592,10 +600,11 @@ class RegistrationSettings:
         Number(int, 0),
     )
     model: str | None = _option(None, "learned modes: weights file (default: the shipped weights)")
-    refine_iterations: int | Sequence[int] = _option(
-        50,
+    refine_iterations: int | Sequence[int] | None = _option(
+        None,
         "learned-refine: dense-field iterations after the prediction, at full resolution (N) or per "
-        "level, coarse to fine (N1,N2: as many levels as numbers)",
+        f"level, coarse to fine (N1,N2: as many levels as numbers) (default {DEFAULT_REFINE_ITERATIONS}, at most "
+        f"{LARGE_LEVEL_ITERATIONS} on a grid of more than 2^{LARGE_LEVEL_VOXELS.bit_length() - 1} voxels)",
         Schedule(),
     )
 
@@ -612,13 +621,20 @@ class RegistrationSettings:
         if not isinstance(self.device, str) or not self.device:
             raise InputError(f"device must be a name like {choices(Device)} or cuda:N, got {self.device!r}")
 
+    def refine_schedule(self, voxels: int | None = None) -> list[int]:
+        """learned-refine's iterations per level, coarse to fine, on a grid of ``voxels`` voxels:
+        the ones set, or the default (:data:`DEFAULT_REFINE_ITERATIONS`, one level)."""
+        if self.refine_iterations is not None:
+            return as_schedule(self.refine_iterations)
+        return [default_level_iterations(DEFAULT_REFINE_ITERATIONS, voxels)]
+
     def iterations_requested(self) -> int | list[int]:
         """Iterations the mode runs: per level (phantom, instance; phantom's full-resolution stage
         last), refinement steps, or 0 (learned)."""
         if self.mode is Mode.LEARNED:
             return 0
         if self.mode is Mode.LEARNED_REFINE:
-            return self.refine_iterations
+            return DEFAULT_REFINE_ITERATIONS if self.refine_iterations is None else self.refine_iterations
         iterations = self.optimization.iterations
         iterations = list(DEFAULT_ITERATIONS[self.mode]) if iterations is None else iterations
         full_resolution = self.optimization.cnn_full_resolution_iterations

@@ -21,21 +21,29 @@ def _grid(size, spacing, origin, direction):
     return image
 
 
+def _smooth_deformation(grid: sitk.Image, amplitudes) -> sitk.Image:
+    """A smooth displacement field on ``grid`` (LPS mm; components up to ``amplitudes`` mm)."""
+    points = im.physical_points(grid)
+    d = np.stack(
+        [
+            amplitudes[0] * np.sin(points[..., 1] / 12.0),
+            amplitudes[1] * np.cos(points[..., 2] / 15.0) * np.sin(points[..., 0] / 20.0),
+            amplitudes[2] * np.sin((points[..., 0] + points[..., 1]) / 18.0),
+        ],
+        axis=-1,
+    )
+    field = sitk.GetImageFromArray(d, isVector=True)
+    field.CopyInformation(grid)
+    return field
+
+
 def test_forward_after_inverse_is_the_identity_within_a_tenth_of_a_voxel(synth):
     fixed = _grid((40, 36, 24), (1.5, 1.5, 2.5), (-30.0, -25.0, -28.0), synth.rotation_matrix((1, 2, 3), 15.0))
     moving = _grid((34, 34, 30), (2.0, 2.0, 2.0), (-35.0, -30.0, -30.0), synth.rotation_matrix((3, -1, 1), -10.0))
     # a smooth deformation d on the fixed grid (LPS mm, up to ~2.5 mm) ...
     points = im.physical_points(fixed)
-    d = np.stack(
-        [
-            2.5 * np.sin(points[..., 1] / 12.0),
-            2.0 * np.cos(points[..., 2] / 15.0) * np.sin(points[..., 0] / 20.0),
-            1.5 * np.sin((points[..., 0] + points[..., 1]) / 18.0),
-        ],
-        axis=-1,
-    )
-    deformation = sitk.GetImageFromArray(d, isVector=True)
-    deformation.CopyInformation(fixed)
+    deformation = _smooth_deformation(fixed, (2.5, 2.0, 1.5))
+    d = sitk.GetArrayFromImage(deformation)
     # ... then an affine: the registration maps x -> A(x + d(x))
     affine = sitk.AffineTransform(3)
     affine.SetMatrix([1.05, 0.03, 0.0, -0.02, 0.97, 0.04, 0.01, 0.0, 1.02])
@@ -69,17 +77,7 @@ def test_the_inverse_of_a_field_on_a_large_grid_is_taken_on_a_coarser_grid(synth
     is measured against the full-resolution forward field."""
     fixed = _grid((48, 40, 30), (1.0, 1.2, 1.5), (-24.0, -22.0, -20.0), synth.rotation_matrix((1, 2, 3), 15.0))
     moving = _grid((40, 36, 30), (1.5, 1.5, 1.5), (-30.0, -27.0, -22.0), synth.rotation_matrix((3, -1, 1), -10.0))
-    points = im.physical_points(fixed)
-    d = np.stack(
-        [
-            2.0 * np.sin(points[..., 1] / 12.0),
-            1.5 * np.cos(points[..., 2] / 15.0) * np.sin(points[..., 0] / 20.0),
-            1.5 * np.sin((points[..., 0] + points[..., 1]) / 18.0),
-        ],
-        axis=-1,
-    )
-    forward = sitk.GetImageFromArray(d, isVector=True)
-    forward.CopyInformation(fixed)
+    forward = _smooth_deformation(fixed, (2.0, 1.5, 1.5))
     inverted_on = []
     invert = im.inverse_displacement
     monkeypatch.setattr(
