@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import platform
 import random
+import threading
 
 import numpy as np
 import torch
@@ -78,6 +80,7 @@ _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 RETAINED_FREE_BYTES = 1 << 30
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -87,7 +90,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-_reuse_depth = 0  # reuse_freed_memory blocks open (the outermost one sets and restores)
+_reuse_lock = threading.Lock()
+_reuse_open = 0  # reuse_freed_memory blocks open in any thread: the first sets, the last restores
 
 
 def _fill_small_chunk_cache(libc: ctypes.CDLL) -> None:
@@ -112,23 +116,29 @@ def reuse_freed_memory(device: torch.device | str = "cpu"):
     each new large tensor pays a page fault per 4 KiB on first touch: on a 1 mm head (8.7 M voxels,
     100 MiB per field) that costs more than the arithmetic of an iteration (docs/decisions.md).
     Inside the block such requests come from the heap, which keeps up to
-    :data:`RETAINED_FREE_BYTES` free.  No effect on CUDA (its allocator caches) or without glibc."""
-    global _reuse_depth
+    :data:`RETAINED_FREE_BYTES` free.  The setting is the process's: blocks may nest or overlap in
+    threads, and it holds until the last one closes.  No effect on CUDA (its allocator caches) or
+    without glibc."""
+    global _reuse_open
     libc = _glibc() if torch.device(device).type == "cpu" else None
-    if libc is None or _reuse_depth > 0:  # not glibc's, or already inside such a block
+    if libc is None:
         yield
         return
-    _reuse_depth += 1
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, RETAINED_FREE_BYTES)
-    _fill_small_chunk_cache(libc)
+    with _reuse_lock:
+        _reuse_open += 1
+        if _reuse_open == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, RETAINED_FREE_BYTES)
+            _fill_small_chunk_cache(libc)
     try:
         yield
     finally:
-        _reuse_depth -= 1
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        with _reuse_lock:
+            _reuse_open -= 1
+            if _reuse_open == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -229,7 +229,17 @@ with reuse_freed_memory("cpu"):
         faults_of_a_new_tensor()
     inside = max(faults_of_a_new_tensor() for _ in range(3))
     kept = resident_mib()
-print(json.dumps({"outside": outside, "inside": inside, "kept": kept, "after": resident_mib()}))
+after = resident_mib()
+# blocks that overlap without nesting (two threads' runs): the setting lasts until the last one closes
+first, second = reuse_freed_memory("cpu"), reuse_freed_memory("cpu")
+first.__enter__()
+second.__enter__()
+for _ in range(3):
+    faults_of_a_new_tensor()
+first.__exit__(None, None, None)
+overlapping = max(faults_of_a_new_tensor() for _ in range(3))
+second.__exit__(None, None, None)
+print(json.dumps({"outside": outside, "inside": inside, "kept": kept, "after": after, "overlapping": overlapping}))
 """
     run = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, env=subprocess_env
@@ -239,3 +249,4 @@ print(json.dumps({"outside": outside, "inside": inside, "kept": kept, "after": r
         pytest.skip("huge pages: few page faults either way")
     assert counts["inside"] < 0.05 * counts["outside"], counts
     assert counts["after"] < counts["kept"] - 48, counts  # handed back on leaving
+    assert counts["overlapping"] < 0.05 * counts["outside"], counts  # still reused after the first block closed
