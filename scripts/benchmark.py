@@ -104,7 +104,6 @@ OUR_CONFIGS: dict[str, list[str]] = {
     # phantom to patient CT (the xcat_ct case): the presets of `cnnreg register --preset NAME`
     # and of the Slicer module (cnnreg.settings.PRESETS)
     "phantom-to-ct": ["--preset", "phantom-to-ct"],
-    "phantom-to-ct-fast": ["--preset", "phantom-to-ct-fast"],
 }
 #: appended to every configuration with --quick
 QUICK_ARGS: list[str] = ["--iterations", "20,10,5"]
@@ -443,7 +442,7 @@ def voxels(block: dict) -> int:
 
 
 #: the methods of the cost table: the default command, phantom mode, the phantom-to-CT presets, Greedy
-COST_METHODS = ("instance-lncc", "phantom-lncc", "phantom-to-ct", "phantom-to-ct-fast", "greedy")
+COST_METHODS = ("instance-lncc", "phantom-lncc", "phantom-to-ct", "greedy")
 
 
 def cost_table(results: dict) -> str:

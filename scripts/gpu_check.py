@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from cnnreg.evaluate import dice_per_label  # noqa: E402
 from cnnreg.registration import register  # noqa: E402
-from cnnreg.settings import RegistrationSettings, preset_settings  # noqa: E402
+from cnnreg.settings import Mode, RegistrationSettings, preset_settings  # noqa: E402
 
 
 def _timed(device: str, fixed, moving, settings, labels=None) -> tuple[object, float, float | None]:
@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         moving = sitk.ReadImage(str(case / "moving.nii.gz"))
         labels = sitk.ReadImage(str(case / "moving_labels.nii.gz"))
         fixed_labels = sitk.ReadImage(str(case / "fixed_labels.nii.gz"))
-        for name in ("phantom-to-ct", "phantom-to-ct-fast"):
-            settings = preset_settings(name)
+        for name, mode in (("phantom-to-ct", None), ("phantom-to-ct --mode instance", "instance")):
+            settings = preset_settings("phantom-to-ct")
             settings.device = args.device
+            settings.mode = Mode(mode) if mode else settings.mode
             result, seconds, peak = _timed(args.device, fixed, moving, settings, labels)
             dice = dice_per_label(fixed_labels, result.warped_labels, [1, 2])
             rows.append(

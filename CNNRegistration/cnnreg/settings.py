@@ -692,17 +692,6 @@ PRESETS: dict[str, Preset] = {
                 "optimization": {"weight": 0.5, "jacobian_weight": 60.0},
             },
         ),
-        Preset(
-            "phantom-to-ct-fast",
-            "Phantom to CT, fast (dense field)",
-            "as phantom-to-ct with the dense field optimised directly (instance mode): about two thirds of the time",
-            {
-                "normalization": Normalization.CT,
-                "affine": True,
-                "working_spacing": 3.0,
-                "optimization": {"weight": 0.5, "jacobian_weight": 40.0},
-            },
-        ),
     )
 }
 
