@@ -287,7 +287,7 @@ def _ddp_worker(rank: int, folder: str, port: int) -> None:
     """One DDP process: the gradient of its half of the batch, averaged by DDP, saved to a file."""
     import torch.distributed as dist
 
-    from cnnreg.training.distributed import init_distributed
+    from cnnreg.training.distributed import init_distributed, leave_distributed
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -302,7 +302,8 @@ def _ddp_worker(rank: int, folder: str, port: int) -> None:
     loss, _ = training_step(parts, mine, TrainSettings())
     loss.backward()
     torch.save({name: p.grad for name, p in network.named_parameters()}, os.path.join(folder, f"grad{rank}.pt"))
-    dist.destroy_process_group()
+    leave_distributed(info)
+    assert not dist.is_initialized()
 
 
 def test_ddp_on_two_processes_averages_the_gradient_of_the_batch(tmp_path, mni):

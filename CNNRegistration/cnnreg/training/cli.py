@@ -17,12 +17,11 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from ..errors import InputError
 from ..progress import ProgressReporter, add_progress_argument
 from ..settings import Normalization, Regularizer, Similarity, choices
-from .distributed import init_distributed
+from .distributed import init_distributed, leave_distributed
 from .loop import output_paths, train_from_files
 from .settings import DEFAULT_WORKING_SHAPE, TrainSettings, settings_from_dict
 
@@ -174,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{paths['best']} already exists; pass --overwrite to replace it or --resume to continue")
     info, device = init_distributed(settings.device)
     report = ProgressReporter(args.progress if info.is_main else "none")
+    finished = False
     try:
         summary = train_from_files(
             settings,
@@ -187,9 +187,9 @@ def run(args: argparse.Namespace) -> int:
             info=info,
             device=device,
         )
+        finished = True
     finally:
-        if info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed(info, finished=finished)
     if report.summary and info.is_main:
         best = summary["best"] or {}
         dice = best.get("val_dice")

@@ -53,3 +53,15 @@ def all_reduce_sum(values: list[float], info: Distributed, device: torch.device)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def leave_distributed(info: Distributed, *, finished: bool = True) -> None:
+    """Leave the process group (nothing when not distributed).  After a finished run the processes
+    first meet at a barrier, so that none tears down its connections (and rank 0 its store) while a
+    peer is still inside the last collective; after a failure each leaves at once, since a barrier
+    would wait for a peer that may be gone."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
