@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -328,8 +329,9 @@ def markdown(results: dict) -> str:
             if row["method"] in seen or row["method"] == "before":
                 continue
             seen.add(row["method"])
-            settings = row.get("arguments") or row.get("parameters") or {}
-            lines.append(f"* **{row['method']}**: `{json.dumps(settings)}` {json.dumps(row.get('versions', {}))}")
+            settings = json.dumps(row.get("arguments") or row.get("parameters") or {})
+            settings = re.sub(r"(?:/[^\s\"/]+)+/([^\s\"/]+)", r"\1", settings)  # a case's paths as file names
+            lines.append(f"* **{row['method']}**: `{settings}` {json.dumps(row.get('versions', {}))}")
     lines.append("")
     return "\n".join(lines)
 
