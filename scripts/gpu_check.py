@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         moving = sitk.ReadImage(str(case / "moving.nii.gz"))
         labels = sitk.ReadImage(str(case / "moving_labels.nii.gz"))
         fixed_labels = sitk.ReadImage(str(case / "fixed_labels.nii.gz"))
-        for name, mode in (("phantom-to-ct", None), ("phantom-to-ct --mode instance", "instance")):
+        for mode in (Mode.PHANTOM, Mode.INSTANCE):  # the preset as it is, then with the dense field
+            name = f"phantom-to-ct --mode {mode.value}"
             settings = preset_settings("phantom-to-ct")
-            settings.device = args.device
-            settings.mode = Mode(mode) if mode else settings.mode
+            settings.device, settings.mode = args.device, mode
             result, seconds, peak = _timed(args.device, fixed, moving, settings, labels)
             dice = dice_per_label(fixed_labels, result.warped_labels, [1, 2])
             rows.append(

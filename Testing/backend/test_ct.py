@@ -237,7 +237,7 @@ def test_phantom_to_ct_preset_maps_the_lungs(mode):
     ct, ct_labels, phantom, phantom_labels = ct_like_pair()
     settings = preset_settings("phantom-to-ct")
     settings.device, settings.working_spacing, settings.mode = "cpu", 8.0, mode
-    settings.optimization.iterations = (40, 40) if settings.mode is Mode.PHANTOM else (40, 30)
+    settings.optimization.iterations = (40, 40) if mode is Mode.PHANTOM else (40, 30)
     settings.optimization.levels = 2
     result = register(ct, phantom, settings, moving_labels=phantom_labels)
     dice = dice_per_label(ct_labels, result.warped_labels, [1, 2])
